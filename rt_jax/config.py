@@ -1,0 +1,115 @@
+"""Model configuration: a frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rt_jax.ops.block import DTYPES, POSITION_KINDS, AttentionSpec
+
+BLOCK_TYPES = ("transformer", "recurrent")
+IMPLS = ("reference", "tiled", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a language model built from Transformer or Recurrent Transformer blocks.
+
+    ``n_kv_heads`` defaults to ``n_heads`` (MHA), ``mlp_hidden`` to ``4 * d_model`` and
+    ``embedding_size`` (rows of the embedding and head, padded for speed) to ``vocab_size``.
+    ``impl`` chooses how recurrent blocks run: ``reference`` (token-by-token oracle), ``tiled``
+    (Fenwick-tiled, custom backward) or ``pallas`` (tiled with Pallas kernels; pass
+    ``interpret=True`` on CPU). ``leaf_size`` is the tiled schedule's smallest tile in positions.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    n_kv_heads: int | None = None
+    mlp_hidden: int | None = None
+    embedding_size: int | None = None
+    block_type: str = "recurrent"
+    impl: str = "tiled"
+    position: str = "alibi"
+    alibi_bias_max: float = 8.0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    compute_dtype: str = "float32"
+    leaf_size: int = 32
+    interpret: bool = False
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        def fill(name: str, value: int) -> None:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+        fill("n_kv_heads", self.n_heads)
+        fill("mlp_hidden", 4 * self.d_model)
+        fill("embedding_size", self.vocab_size)
+        self._validate()
+
+    def _validate(self) -> None:
+        positive = ("vocab_size", "d_model", "n_heads", "n_layers", "n_kv_heads", "mlp_hidden")
+        for name in positive + ("embedding_size", "leaf_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+                "pick n_heads that divides d_model"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+            )
+        if self.embedding_size < self.vocab_size:
+            raise ValueError(
+                f"ModelConfig.embedding_size={self.embedding_size} is smaller than "
+                f"vocab_size={self.vocab_size}: it must be >= vocab_size (padding rows only)"
+            )
+        if self.block_type not in BLOCK_TYPES:
+            raise ValueError(f"ModelConfig.block_type={self.block_type!r}: expected {BLOCK_TYPES}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"ModelConfig.impl={self.impl!r}: expected one of {IMPLS}")
+        if self.position not in POSITION_KINDS:
+            raise ValueError(f"ModelConfig.position={self.position!r}: expected {POSITION_KINDS}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r}: expected {DTYPES}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim; d_model/n_heads = {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+    def attention_spec(self) -> AttentionSpec:
+        """The static attention description the pure ops take."""
+        return AttentionSpec(
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            position=self.position,
+            alibi_bias_max=self.alibi_bias_max,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            compute_dtype=self.compute_dtype,
+        )
+
+    def non_embedding_params(self) -> int:
+        """Parameters outside the embedding and LM head (blocks plus the final norm)."""
+        d, f = self.d_model, self.mlp_hidden
+        q_dim = self.n_heads * self.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
+        per_layer = d * q_dim + q_dim + d * 2 * kv_dim + kv_dim + q_dim * d + 2 * d + 2 * d * f
+        return self.n_layers * per_layer + d
+
+    def total_params(self) -> int:
+        """All parameters, including the untied embedding and head."""
+        return self.non_embedding_params() + 2 * self.embedding_size * self.d_model
+
+    def kv_floats_per_token(self) -> int:
+        """Floats cached per generated token (keys and values, all layers)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim

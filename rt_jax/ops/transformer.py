@@ -1,0 +1,43 @@
+"""The baseline causal Transformer layer with the same parameters as the Recurrent Transformer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rt_jax.ops.block import (
+    AttentionSpec,
+    Params,
+    attention_bias,
+    group_queries,
+    post_attention,
+    pre_attention,
+)
+
+
+def causal_attention(
+    q_BxNxHxK: jax.Array,
+    k_BxNxGxK: jax.Array,
+    v_BxNxGxK: jax.Array,
+    spec: AttentionSpec,
+) -> jax.Array:
+    """Causal softmax attention (q already scaled) with the spec's bias; float32 softmax. BxNxHxK."""
+    b, n, h, kd = q_BxNxHxK.shape
+    acc = jnp.float64 if q_BxNxHxK.dtype == jnp.float64 else jnp.float32
+    q = group_queries(q_BxNxHxK, spec)
+    logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxNxGxK, preferred_element_type=acc)
+    pos = jnp.arange(n)
+    bias = attention_bias(pos, pos, spec)
+    if bias is not None:
+        logits = logits + bias.reshape(spec.n_kv_heads, spec.group_size, n, n).astype(acc)
+    logits = jnp.where(pos[:, None] >= pos[None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxNxGxK.dtype)
+    att = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxNxGxK, preferred_element_type=acc)
+    return att.reshape(b, n, h, kd).astype(spec.dtype)
+
+
+def transformer_layer(params: Params, x_BxNxD: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """One pre-norm Transformer layer (causal attention + MLP). Returns BxNxD."""
+    pos_N = jnp.arange(x_BxNxD.shape[1])
+    q, k, v = pre_attention(params, x_BxNxD, pos_N, spec)
+    return post_attention(params, x_BxNxD, causal_attention(q, k, v, spec), spec)
