@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format install clean
 
+# libtpu is installed for ahead-of-time TPU compiles; these targets run on the CPU.
+export JAX_PLATFORMS ?= cpu
+
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
