@@ -53,7 +53,7 @@ class ModelConfig:
         positive = ("vocab_size", "d_model", "n_heads", "n_layers", "n_kv_heads", "mlp_hidden")
         for name in positive + ("embedding_size", "leaf_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(

@@ -90,11 +90,12 @@ def param_shapes(d_model: int, mlp_hidden: int, spec: AttentionSpec) -> dict[str
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm with a learnable weight and no bias, computed in float32 (returns float32)."""
-    x = x.astype(jnp.float32)
+    """LayerNorm with a learnable weight and no bias, in float32 (float64 stays float64)."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.astype(acc)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(acc)
 
 
 def _matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -120,11 +121,12 @@ def attention_bias(q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec) -> j
 def apply_rope(x_BxNxHxK: jax.Array, pos_N: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding (rotate-half convention) of each vector by its own position."""
     half = x_BxNxHxK.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = pos_N.astype(jnp.float32)[:, None] * freq[None, :]  # N x K/2
+    acc = jnp.promote_types(x_BxNxHxK.dtype, jnp.float32)  # float32, or float64 for float64 input
+    freq = theta ** (-jnp.arange(half, dtype=acc) / half)
+    angle = pos_N.astype(acc)[:, None] * freq[None, :]  # N x K/2
     cos = jnp.cos(angle)[None, :, None, :]
     sin = jnp.sin(angle)[None, :, None, :]
-    x = x_BxNxHxK.astype(jnp.float32)
+    x = x_BxNxHxK.astype(acc)
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxNxHxK.dtype)
