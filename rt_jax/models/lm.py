@@ -42,9 +42,17 @@ def layer_function(config: ModelConfig) -> LayerFn:
 
         return tiled
     if config.impl == "pallas":
-        from pallas_kernels.rt_tiles.api import pallas_layer_function
+        from rt_jax.ops.pallas_tiles import pallas_tile_ops
+        from rt_jax.ops.tiled import recurrent_layer_tiled
 
-        return pallas_layer_function(config)
+        tile_ops = pallas_tile_ops(interpret=config.interpret)
+
+        def pallas(params: Params, x: jax.Array, spec: AttentionSpec) -> jax.Array:
+            return recurrent_layer_tiled(
+                params, x, spec, leaf_size=config.leaf_size, tile_ops=tile_ops
+            )
+
+        return pallas
     raise ValueError(f"unknown impl {config.impl!r}")
 
 
@@ -91,7 +99,8 @@ def check_tokens(tokens: Any, vocab_size: int) -> None:
 
     Traced values are checked for shape and dtype only (their contents are not known yet).
     """
-    shape, dtype = np.shape(tokens), getattr(tokens, "dtype", np.asarray(tokens).dtype)
+    shape = np.shape(tokens)
+    dtype = tokens.dtype if hasattr(tokens, "dtype") else np.asarray(tokens).dtype
     if len(shape) != 2:
         raise ValueError(f"tokens must have shape (batch, seq_len), got shape {shape}")
     if shape[1] == 0:
@@ -110,8 +119,9 @@ def check_tokens(tokens: Any, vocab_size: int) -> None:
 
 
 def embed(params: PyTree, tokens_BxN: jax.Array) -> jax.Array:
-    """Token embeddings (float32 residual stream)."""
-    return jnp.take(params["embed"], tokens_BxN, axis=0).astype(jnp.float32)
+    """Token embeddings (float32 residual stream; float64 when the embedding is float64)."""
+    table = params["embed"]
+    return jnp.take(table, tokens_BxN, axis=0).astype(jnp.promote_types(table.dtype, jnp.float32))
 
 
 def run_blocks(params: PyTree, x_BxNxD: jax.Array, config: ModelConfig) -> jax.Array:
