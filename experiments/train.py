@@ -1,0 +1,60 @@
+"""Train one model from a preset.
+
+    python -m experiments.train --preset <name> --workdir <dir> [--set field=value ...]
+
+Resumes automatically from ``<dir>``; appends JSON lines to ``<dir>/metrics.jsonl`` (train lines
+with step, loss, lr, grad_norm, step_time, tokens_per_s, mfu; eval lines with step, val_ce) and
+TensorBoard events to ``<dir>/tb``. Example (about a minute on 2 CPU cores):
+
+    JAX_PLATFORMS=cpu python -m experiments.train --preset tiny --workdir /tmp/rt_tiny --set steps=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rt_jax.train.config import PRESETS, apply_overrides, get_preset
+from rt_jax.train.loop import NonFiniteLossError, Preempted, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, train, print a one-line JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", required=True, choices=PRESETS)
+    parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. steps=100, model.d_model=64, mesh.data=2",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = apply_overrides(get_preset(args.preset), args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        result = train(cfg, args.workdir, progress=not args.no_progress)
+    except ValueError as err:  # configuration problems found at start-up (vocab, mesh, workdir)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr)
+        return 143
+    summary = {k: result[k] for k in ("val_ce", "tokens_per_s", "steps")}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
