@@ -1,0 +1,370 @@
+"""Decoding benchmark: KV-cache size, prefill time and per-token decode latency, RT vs Transformer.
+
+    JAX_PLATFORMS=cpu python -m experiments.bench_decode --out results/bench_decode.json
+
+Random weights, float32, greedy decoding, side by side in one process (interleaved repetitions,
+medians). Two groups of models at matched non-embedding parameters, each with both block types:
+
+* ``cpu-full``: the compare points of the training preset ``cpu-full`` (its vocabulary).
+* ``paper-12v6``: the paper's 300M 12-layer x 1408 vs 6-layer x 2048 pair (MLP 4 D) with widths
+  divided by ``--paper-scale`` (default 8: 12L x 176 / 11 heads vs 6L x 256 / 16 heads, head
+  dim 16, MLP 704 / 1024), byte vocabulary (257, padded to 264) so the blocks dominate.
+
+For each model and batch size (default 1 and 16): ``prefill_ms`` is the time of one jitted prefill
+of ``--prompt-len`` tokens per row (RT layers run ``--rt-impl``, default the tiled forward; the
+persistent K/V come from each layer's outputs); ``decode_ms_per_token`` is the median over
+``--reps`` repetitions of (time of a jitted loop of ``--decode-tokens`` greedy decode steps) /
+steps, each step moving the whole batch by one token (cache of prompt + decode tokens, updated in
+place); ``tokens_per_s = batch * 1000 / decode_ms_per_token``. Writes ``--out`` (JSON) and the same
+name with ``.md``, and prints the table and the targets of issue 5: RT step <= 1.2x the
+Transformer step of the same shape; 6-layer RT per-token latency and KV cache below the 12-layer
+Transformer's (cache ratio 2*6*W6 / (2*12*W12)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rt_jax.config import ModelConfig  # noqa: E402
+from rt_jax.decoding import greedy_decode, kv_bytes_per_token, prefill  # noqa: E402
+from rt_jax.models.lm import init_params  # noqa: E402
+
+RECORD_KEYS = (
+    "model",
+    "layers",
+    "width",
+    "batch",
+    "kv_bytes_per_token",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "tokens_per_s",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One benchmarked model: its group (a parameter-matched comparison) and config."""
+
+    group: str
+    name: str
+    config: ModelConfig
+
+
+def cpu_full_entries(rt_impl: str) -> list[Entry]:
+    """The compare points of the ``cpu-full`` training preset."""
+    from rt_jax.train.config import get_preset, with_point
+
+    preset = get_preset("cpu-full")
+    out = []
+    for point in preset.compare:
+        model = with_point(preset, point, 0).model
+        impl = rt_impl if point.block_type == "recurrent" else model.impl
+        model = dataclasses.replace(model, impl=impl, compute_dtype="float32", remat=False)
+        out.append(Entry("cpu-full", point.name, model))
+    return out
+
+
+def paper_entries(scale: int, rt_impl: str) -> list[Entry]:
+    """The paper's 12L x 1408 vs 6L x 2048 pair, widths divided by ``scale``, head dim 16."""
+    out = []
+    for layers, width in ((12, 1408 // scale), (6, 2048 // scale)):
+        if width % 16:
+            raise ValueError(f"--paper-scale {scale} gives width {width}, not a multiple of 16")
+        for block_type in ("transformer", "recurrent"):
+            cfg = ModelConfig(
+                vocab_size=257,
+                embedding_size=264,
+                d_model=width,
+                n_heads=width // 16,
+                n_layers=layers,
+                mlp_hidden=4 * width,
+                block_type=block_type,
+                impl=rt_impl if block_type == "recurrent" else "tiled",
+                position="alibi",
+            )
+            out.append(Entry("paper-12v6", f"{block_type}-{layers}L", cfg))
+    return out
+
+
+def _timed(fn, *args, **kwargs) -> tuple[float, float, object]:
+    """Wall-clock and process CPU milliseconds of one call (CPU time is robust to other load)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3, out
+
+
+def bench_group(
+    entries: list[Entry],
+    batch: int,
+    prompt_len: int,
+    decode_tokens: int,
+    reps: int,
+    samples: dict[tuple[str, int], dict],
+) -> list[dict]:
+    """Records for every entry at one batch size; repetitions interleaved across entries.
+
+    Every repetition's timings are stored in ``samples[(model, batch)]``.
+    """
+    cache_size = prompt_len + decode_tokens
+    state = []
+    for i, e in enumerate(entries):
+        params = init_params(e.config, jax.random.key(i))
+        prompt = np.asarray(
+            jax.random.randint(jax.random.key(100 + i), (batch, prompt_len), 0, 256)
+        )
+        # Compile (and warm up) prefill and the decode loop.
+        logits, cache = prefill(params, prompt, e.config, cache_size)
+        first = np.asarray(jnp.argmax(logits[:, : e.config.vocab_size], axis=-1))
+        jax.block_until_ready(greedy_decode(params, cache, first, e.config, decode_tokens))
+        state.append((params, prompt, first))
+    prefill_ms = [[] for _ in entries]
+    decode_ms = [[] for _ in entries]
+    decode_cpu_ms = [[] for _ in entries]
+    for _ in range(reps):
+        for i, e in enumerate(entries):
+            params, prompt, first = state[i]
+            ms, _, (_, cache) = _timed(prefill, params, prompt, e.config, cache_size)
+            prefill_ms[i].append(ms)
+            ms, cpu_ms, _ = _timed(greedy_decode, params, cache, first, e.config, decode_tokens)
+            decode_ms[i].append(ms / decode_tokens)
+            decode_cpu_ms[i].append(cpu_ms / decode_tokens)
+    records = []
+    for i, e in enumerate(entries):
+        per_token = statistics.median(decode_ms[i])
+        records.append(
+            {
+                "model": e.name,
+                "layers": e.config.n_layers,
+                "width": e.config.d_model,
+                "batch": batch,
+                "kv_bytes_per_token": kv_bytes_per_token(e.config),
+                "prefill_ms": round(statistics.median(prefill_ms[i]), 3),
+                "decode_ms_per_token": round(per_token, 4),
+                "tokens_per_s": round(batch * 1e3 / per_token, 1),
+            }
+        )
+        samples[(e.name, batch)] = {
+            "prefill_ms": [round(v, 3) for v in prefill_ms[i]],
+            "decode_ms_per_token": [round(v, 4) for v in decode_ms[i]],
+            "decode_cpu_ms_per_token": [round(v, 4) for v in decode_cpu_ms[i]],
+        }
+    return records
+
+
+def check_targets(
+    groups: dict[str, list[Entry]],
+    records: dict[str, list[dict]],
+    samples: dict[str, dict[tuple[str, int], dict]],
+) -> list[dict]:
+    """The issue's targets, measured: RT/Transformer step ratio per shape, shallow RT vs deep T.
+
+    ``value`` uses the median wall-clock times of the records; ``value_cpu`` the same ratio of
+    median process CPU times (less sensitive to other processes on a shared machine).
+    """
+
+    def ratios(g: str, a: str, b: str, batch: int) -> tuple[float, float]:
+        wall = {(r["model"], r["batch"]): r["decode_ms_per_token"] for r in records[g]}
+        cpu = {k: statistics.median(v["decode_cpu_ms_per_token"]) for k, v in samples[g].items()}
+        return (
+            wall[(a, batch)] / max(wall[(b, batch)], 1e-9),
+            cpu[(a, batch)] / max(cpu[(b, batch)], 1e-9),
+        )
+
+    checks = []
+    for group, entries in groups.items():
+        cfg = {e.name: e.config for e in entries}
+        shapes = sorted({(c.n_layers, c.d_model) for c in cfg.values()}, reverse=True)
+        name_of = {(c.block_type, c.n_layers, c.d_model): n for n, c in cfg.items()}
+        for batch in sorted({r["batch"] for r in records[group]}):
+            for layers, width in shapes:
+                t = name_of.get(("transformer", layers, width))
+                rt = name_of.get(("recurrent", layers, width))
+                if t is None or rt is None:
+                    continue
+                wall, cpu = ratios(group, rt, t, batch)
+                checks.append(
+                    {
+                        "group": group,
+                        "batch": batch,
+                        "target": f"{rt} step <= 1.2 x {t} step",
+                        "value": round(wall, 3),
+                        "value_cpu": round(cpu, 3),
+                        "met": wall <= 1.2,
+                    }
+                )
+            if len(shapes) != 2:
+                continue
+            (deep_l, deep_w), (shallow_l, shallow_w) = shapes
+            t_deep = name_of.get(("transformer", deep_l, deep_w))
+            rt_shallow = name_of.get(("recurrent", shallow_l, shallow_w))
+            if t_deep is None or rt_shallow is None:
+                continue
+            wall, cpu = ratios(group, rt_shallow, t_deep, batch)
+            checks.append(
+                {
+                    "group": group,
+                    "batch": batch,
+                    "target": f"{rt_shallow} per-token latency < {t_deep}",
+                    "value": round(wall, 3),
+                    "value_cpu": round(cpu, 3),
+                    "met": wall < 1.0,
+                }
+            )
+            kv = kv_bytes_per_token(cfg[rt_shallow]) / kv_bytes_per_token(cfg[t_deep])
+            expected = (shallow_l * shallow_w) / (deep_l * deep_w)
+            checks.append(
+                {
+                    "group": group,
+                    "batch": batch,
+                    "target": (
+                        f"{rt_shallow} KV cache < {t_deep} "
+                        f"(ratio 2*{shallow_l}*{shallow_w} / (2*{deep_l}*{deep_w}))"
+                    ),
+                    "value": round(kv, 4),
+                    "value_cpu": None,
+                    "met": kv < 1.0 and abs(kv - expected) < 1e-12,
+                }
+            )
+    return checks
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown tables."""
+    lines = [
+        "# Decoding benchmark (random weights, float32, greedy)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}. Prompt {result['prompt_len']} tokens, "
+        f"{result['decode_tokens']} decode steps per timing, median of {result['reps']} "
+        f"interleaved repetitions. RT prefill impl: `{result['rt_impl']}`.",
+        "",
+    ]
+    for group, recs in result["groups"].items():
+        lines += [f"## {group}", ""]
+        info = result["models"][group]
+        lines += [
+            "| model | layers | width | heads | MLP | non-emb params | batch | KV bytes/token "
+            "| prefill ms | decode ms/token | (min-max) | CPU ms/token | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in recs:
+            m = info[r["model"]]
+            reps = result["samples"][group][f"{r['model']}@batch{r['batch']}"]
+            lo, hi = min(reps["decode_ms_per_token"]), max(reps["decode_ms_per_token"])
+            cpu = statistics.median(reps["decode_cpu_ms_per_token"])
+            lines.append(
+                f"| {r['model']} | {r['layers']} | {r['width']} | {m['heads']} | {m['mlp']} "
+                f"| {m['non_embedding_params']:,} | {r['batch']} | {r['kv_bytes_per_token']:,} "
+                f"| {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.3f} | {lo:.3f}-{hi:.3f} | {cpu:.3f} "
+                f"| {r['tokens_per_s']:.0f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Targets (issue 5)",
+        "",
+        "Measured = ratio of median wall-clock times (met/not met is judged on it); CPU = the same "
+        "ratio of median process CPU times, less sensitive to other load on a shared machine.",
+        "",
+        "| group | batch | target | measured | CPU | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result["targets"]:
+        cpu = "" if c["value_cpu"] is None else c["value_cpu"]
+        lines.append(
+            f"| {c['group']} | {c['batch']} | {c['target']} | {c['value']} | {cpu} "
+            f"| {'yes' if c['met'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the table, write JSON and Markdown."""
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_decode", description=__doc__)
+    p.add_argument("--out", default="results/bench_decode.json")
+    p.add_argument("--groups", nargs="+", default=["cpu-full", "paper-12v6"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--paper-scale", type=int, default=8)
+    p.add_argument("--rt-impl", default="tiled", choices=["reference", "tiled", "pallas"])
+    args = p.parse_args(argv)
+    if args.prompt_len < 1 or args.decode_tokens < 1 or args.reps < 1:
+        p.error("--prompt-len, --decode-tokens and --reps must be >= 1")
+
+    load_before = os.getloadavg()[0]
+    groups: dict[str, list[Entry]] = {}
+    for g in args.groups:
+        if g == "cpu-full":
+            groups[g] = cpu_full_entries(args.rt_impl)
+        elif g == "paper-12v6":
+            groups[g] = paper_entries(args.paper_scale, args.rt_impl)
+        else:
+            p.error(f"unknown group {g!r}: choose from cpu-full, paper-12v6")
+    records: dict[str, list[dict]] = {g: [] for g in groups}
+    samples: dict[str, dict[tuple[str, int], dict]] = {g: {} for g in groups}
+    for g, entries in groups.items():
+        for batch in args.batches:
+            recs = bench_group(
+                entries, batch, args.prompt_len, args.decode_tokens, args.reps, samples[g]
+            )
+            records[g] += recs
+            for r in recs:
+                print(json.dumps(r), flush=True)
+    result = {
+        "command": "python -m experiments.bench_decode "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.machine()} {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, load average {load_before:.1f} before / "
+        f"{os.getloadavg()[0]:.1f} after (1 min)",
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "reps": args.reps,
+        "rt_impl": args.rt_impl,
+        "models": {
+            g: {
+                e.name: {
+                    "block_type": e.config.block_type,
+                    "heads": e.config.n_heads,
+                    "mlp": e.config.mlp_hidden,
+                    "vocab": e.config.vocab_size,
+                    "non_embedding_params": e.config.non_embedding_params(),
+                }
+                for e in entries
+            }
+            for g, entries in groups.items()
+        },
+        "groups": records,
+        "records": [r for g in groups for r in records[g]],
+        "samples": {
+            g: {f"{name}@batch{b}": v for (name, b), v in samples[g].items()} for g in groups
+        },
+        "targets": check_targets(groups, records, samples),
+    }
+    md = markdown(result)
+    print(md)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
