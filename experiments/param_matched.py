@@ -1,0 +1,478 @@
+"""The main job: parameter-matched Transformer vs Recurrent Transformer, trained side by side.
+
+    python -m experiments.param_matched --preset cpu-demo [--set field=value ...] [--out-dir results]
+
+Trains every ``cfg.compare`` point with every seed in ``cfg.seeds`` (same data order, same tokens,
+equal non-embedding parameters) through ``rt_jax.train.loop.train``, in run directories
+``<runs-dir>/param_matched_<preset>/<point>_s<seed>`` (default runs-dir ``runs``), so an interrupted
+job resumes where it stopped. Then writes, under ``--out-dir``:
+
+* ``param_matched_<preset>.json``: one record per trained model and seed with ``model``
+  ("transformer" | "recurrent"), ``layers``, ``width``, ``non_embedding_params``, ``seed``,
+  ``val_ce``, ``tokens_per_s`` (and heads, MLP, KV floats per token, FLOPs, steps, run dir, ...);
+* ``param_matched_<preset>.md``: a table shaped like the paper's Table 1 (validation CE mean +- sd
+  over seeds), the RT/Transformer tokens-per-second ratio at each depth, the command, commit and
+  machine;
+* ``param_matched_<preset>.png``: training loss and validation CE curves of every run.
+
+The three files are written to temporary names and renamed only after every run succeeded, so a
+failed job never replaces an earlier good result (it writes ``param_matched_<preset>.failed.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from rt_jax.train.config import PRESETS, TrainConfig, apply_overrides, get_preset, with_point
+from rt_jax.train.flops import train_flops_per_token
+
+log = logging.getLogger("param_matched")
+
+
+def run_dir(runs_dir: str | os.PathLike, preset: str, point_name: str, seed: int) -> Path:
+    """The run directory of one (point, seed) cell."""
+    return Path(runs_dir) / f"param_matched_{preset}" / f"{point_name}_s{seed}"
+
+
+def describe_points(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Exact shape and parameter counts of every compared model."""
+    if not cfg.compare:
+        raise ValueError("the preset has no compare points (TrainConfig.compare is empty)")
+    rows = []
+    for point in cfg.compare:
+        model = with_point(cfg, point, cfg.seeds[0]).model
+        rows.append(
+            {
+                "name": point.name,
+                "model": model.block_type,
+                "layers": model.n_layers,
+                "width": model.d_model,
+                "heads": model.n_heads,
+                "mlp_hidden": model.mlp_hidden,
+                "non_embedding_params": model.non_embedding_params(),
+                "total_params": model.total_params(),
+                "kv_floats_per_token": model.kv_floats_per_token(),
+                "train_flops_per_token": train_flops_per_token(model, cfg.data.seq_len),
+            }
+        )
+    return rows
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per compared model: CE mean/sd/min/max over seeds and median tokens/s."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        row = rows.setdefault(r["name"], {k: r[k] for k in _SHAPE_KEYS} | {"ce": [], "tps": []})
+        row["ce"].append(r["val_ce"])
+        row["tps"].append(r["tokens_per_s"])
+    out = []
+    for row in rows.values():
+        ce, tps = row.pop("ce"), row.pop("tps")
+        mean, sd = _mean_sd(ce)
+        out.append(
+            row
+            | {
+                "seeds": len(ce),
+                "val_ce_mean": mean,
+                "val_ce_sd": sd,
+                "val_ce_min": min(ce),
+                "val_ce_max": max(ce),
+                "tokens_per_s": statistics.median(tps),
+            }
+        )
+    return out
+
+
+_SHAPE_KEYS = (
+    "name",
+    "model",
+    "layers",
+    "width",
+    "heads",
+    "mlp_hidden",
+    "non_embedding_params",
+    "kv_floats_per_token",
+)
+
+
+def comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per depth with both block types: tokens/s ratio and CE difference against the seed spread."""
+    out = []
+    by_depth: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in summary:
+        by_depth.setdefault(row["layers"], {})[row["model"]] = row
+    for depth in sorted(by_depth):
+        pair = by_depth[depth]
+        if {"transformer", "recurrent"} - set(pair):
+            continue
+        t, r = pair["transformer"], pair["recurrent"]
+        diff = r["val_ce_mean"] - t["val_ce_mean"]
+        spreads = [s for s in (t["val_ce_sd"], r["val_ce_sd"]) if s is not None]
+        spread = max(spreads) if spreads else None
+        out.append(
+            {
+                "layers": depth,
+                "tokens_per_s_ratio": r["tokens_per_s"] / t["tokens_per_s"],
+                "val_ce_diff_rt_minus_transformer": diff,
+                "max_seed_sd": spread,
+                "exceeds_spread": None if spread is None else abs(diff) > 2 * spread,
+                "seed_ranges_overlap": max(t["val_ce_min"], r["val_ce_min"])
+                <= min(t["val_ce_max"], r["val_ce_max"]),
+            }
+        )
+    return out
+
+
+def _fmt_ce(row: dict[str, Any]) -> str:
+    if row["val_ce_sd"] is None:
+        return f"{row['val_ce_mean']:.4f}"
+    return (
+        f"{row['val_ce_mean']:.4f} ± {row['val_ce_sd']:.4f} "
+        f"({row['val_ce_min']:.4f}–{row['val_ce_max']:.4f})"
+    )
+
+
+def markdown(
+    preset: str,
+    cfg: TrainConfig,
+    summary: list[dict[str, Any]],
+    comps: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> str:
+    """The Table-1-shaped report."""
+    seeds = ", ".join(str(s) for s in cfg.seeds)
+    lines = [
+        f"# Parameter-matched Transformer vs Recurrent Transformer: `{preset}`",
+        "",
+        f"{cfg.steps} steps x {cfg.data.batch_size} x {cfg.data.seq_len} tokens "
+        f"({cfg.steps * cfg.tokens_per_step():,} tokens per model), corpus "
+        f"`{cfg.data.corpus}` / tokenizer `{cfg.data.tokenizer}`, lr {cfg.lr:g}, seeds {seeds}, "
+        f"RT impl `{cfg.model.impl}`, compute dtype `{cfg.model.compute_dtype}`.",
+        "",
+        "| Model | Layers | Width | Heads | MLP | Non-emb. params | KV floats/token "
+        "| Tokens/s | Val CE (mean ± sd, min–max) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(summary, key=lambda r: (r["model"] != "transformer", -r["layers"]))
+    for r in order:
+        name = "Transformer" if r["model"] == "transformer" else "Recurrent Transformer"
+        lines.append(
+            f"| {name} | {r['layers']} | {r['width']} | {r['heads']} | {r['mlp_hidden']} "
+            f"| {r['non_embedding_params']:,} | {r['kv_floats_per_token']:,} "
+            f"| {r['tokens_per_s']:,.0f} | {_fmt_ce(r)} |"
+        )
+    if comps:
+        lines += [
+            "",
+            "| Layers | RT / Transformer tokens/s | Val CE: RT − Transformer "
+            "| Larger seed sd | Difference > 2 sd? |",
+            "|---|---|---|---|---|",
+        ]
+        for c in comps:
+            sd = "-" if c["max_seed_sd"] is None else f"{c['max_seed_sd']:.4f}"
+            exceeds = {True: "yes", False: "no", None: "n/a (1 seed)"}[c["exceeds_spread"]]
+            lines.append(
+                f"| {c['layers']} | {c['tokens_per_s_ratio']:.2f} "
+                f"| {c['val_ce_diff_rt_minus_transformer']:+.4f} | {sd} | {exceeds} |"
+            )
+    best = min(summary, key=lambda r: r["val_ce_mean"])
+    lines += [
+        "",
+        f"Lowest mean validation CE: {best['name']} ({best['val_ce_mean']:.4f}).",
+        "",
+        "Validation CE is per token on the held-out split at the last step; tokens/s is the median "
+        "over logged windows (compile excluded), median over seeds. sd is over seeds.",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Commit: `{meta['commit']}`  ",
+        f"Machine: {meta['machine']}  ",
+        f"Finished: {meta['finished']} (wall time {meta['wall_s'] / 60:.1f} min)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss and validation CE against step for every run (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = sorted({r["name"] for r in records})
+    colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    styles = ("-", "--", ":", "-.")
+    seeds = sorted({r["seed"] for r in records})
+    for r in records:
+        history = _read_metrics(Path(r["run_dir"]) / "metrics.jsonl")
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        val = [(h["step"], h["val_ce"]) for h in history if "val_ce" in h]
+        style = styles[seeds.index(r["seed"]) % len(styles)]
+        label = f"{r['name']} s{r['seed']}"
+        if train:
+            ax_train.plot(*zip(*train, strict=True), style, color=colours[r["name"]], label=label)
+        if val:
+            ax_val.plot(
+                *zip(*val, strict=True),
+                style,
+                marker="o",
+                ms=3,
+                color=colours[r["name"]],
+                label=label,
+            )
+    ax_train.set(xlabel="step", ylabel="training loss (CE/token)", title="training loss")
+    ax_val.set(xlabel="step", ylabel="validation CE/token", title="validation CE")
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+    ax_val.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def git_commit() -> str:
+    """Short commit hash of the checkout (with -dirty if tracked files changed), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    """CPU count, platform and the JAX backend in one line."""
+    import jax
+
+    devices = jax.devices()
+    return (
+        f"{os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}"
+        f"; JAX {jax.__version__} on {len(devices)} x {devices[0].device_kind}"
+    )
+
+
+def _write_outputs(out_dir: Path, stem: str, files: dict[str, Any]) -> None:
+    """Write every file to a temporary name first, then rename them all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for suffix, content in files.items():
+        final = out_dir / f"{stem}{suffix}"
+        tmp = out_dir / f".{stem}{suffix}.tmp"
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
+        staged.append((tmp, final))
+    for tmp, final in staged:
+        os.replace(tmp, final)
+
+
+def run(
+    preset: str,
+    overrides: list[str],
+    out_dir: str | os.PathLike = "results",
+    runs_dir: str | os.PathLike = "runs",
+    *,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train every point x seed, then write the JSON, Markdown and PNG results (see the docstring)."""
+    started = time.time()
+    cfg = apply_overrides(get_preset(preset), overrides)
+    points = describe_points(cfg)
+    log.info("parameter-matched models of preset %s:", preset)
+    reference = points[0]["non_embedding_params"]
+    for p in points:
+        log.info(
+            "  %-18s %-11s L=%-3d D=%-5d H=%-3d F=%-6d non-embedding %s (%+.2f%% vs %s), total %s",
+            p["name"],
+            p["model"],
+            p["layers"],
+            p["width"],
+            p["heads"],
+            p["mlp_hidden"],
+            f"{p['non_embedding_params']:,}",
+            100.0 * (p["non_embedding_params"] - reference) / reference,
+            points[0]["name"],
+            f"{p['total_params']:,}",
+        )
+    records, failures = [], []
+    by_name = {p["name"]: p for p in points}
+    for seed in cfg.seeds:
+        for point in cfg.compare:
+            workdir = run_dir(runs_dir, preset, point.name, seed)
+            log.info("training %s seed %d in %s", point.name, seed, workdir)
+            try:
+                result = _train_cell(with_point(cfg, point, seed), workdir, progress)
+            except Exception as err:  # keep training the other cells; report this one
+                log.error("%s seed %d failed: %s", point.name, seed, err)
+                failures.append(
+                    {
+                        "name": point.name,
+                        "seed": seed,
+                        "run_dir": str(workdir),
+                        "error": f"{type(err).__name__}: {err}",
+                        "traceback": traceback.format_exc(),
+                    }
+                )
+                continue
+            history = result["history"]
+            losses = [h["loss"] for h in history if "loss" in h]
+            record = dict(by_name[point.name])
+            record.update(
+                seed=seed,
+                val_ce=result["val_ce"],
+                tokens_per_s=result["tokens_per_s"],
+                final_train_loss=losses[-1] if losses else None,
+                steps=result["steps"],
+                tokens_trained=result["steps"] * cfg.tokens_per_step(),
+                run_dir=str(workdir),
+            )
+            if record["val_ce"] is None or record["tokens_per_s"] is None:
+                failures.append(
+                    {
+                        "name": point.name,
+                        "seed": seed,
+                        "run_dir": str(workdir),
+                        "error": "the run logged no validation CE or no throughput: "
+                        "set eval_points >= 1 and log_every <= steps",
+                    }
+                )
+                continue
+            records.append(record)
+            log.info(
+                "  %s seed %d: val_ce %.4f, %.0f tokens/s",
+                point.name,
+                seed,
+                record["val_ce"],
+                record["tokens_per_s"],
+            )
+
+    out_dir = Path(out_dir)
+    stem = f"param_matched_{preset}"
+    meta = {
+        "preset": preset,
+        "overrides": list(overrides),
+        "command": command or f"python -m experiments.param_matched --preset {preset}",
+        "commit": git_commit(),
+        "machine": machine(),
+        "finished": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": time.time() - started,
+    }
+    if failures:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        failed = out_dir / f"{stem}.failed.json"
+        failed.write_text(json.dumps({**meta, "failures": failures, "records": records}, indent=2))
+        raise RuntimeError(
+            f"{len(failures)} of {len(cfg.compare) * len(cfg.seeds)} runs failed "
+            f"(first: {failures[0]['name']} seed {failures[0]['seed']}: {failures[0]['error']}); "
+            f"details in {failed}. Earlier results in {out_dir} were left untouched; rerun to "
+            "resume the runs from their checkpoints"
+        )
+    summary = summarise(records)
+    comps = comparisons(summary)
+    payload = {**meta, "records": records, "summary": summary, "comparisons": comps}
+    _write_outputs(
+        out_dir,
+        stem,
+        {
+            ".json": json.dumps(payload, indent=2) + "\n",
+            ".md": markdown(preset, cfg, summary, comps, meta),
+            ".png": lambda tmp: plot(records, tmp, f"param_matched {preset}"),
+        },
+    )
+    stale = out_dir / f"{stem}.failed.json"
+    if stale.exists():
+        stale.unlink()
+    return payload
+
+
+def _train_cell(cfg: TrainConfig, workdir: Path, progress: bool) -> dict[str, Any]:
+    from rt_jax.train.loop import train
+
+    return train(cfg, workdir, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; prints the Markdown table at the end."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", required=True, choices=PRESETS)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field for every run, e.g. steps=100, seeds=0,1",
+    )
+    parser.add_argument("--out-dir", default="results", help="where the results files go")
+    parser.add_argument("--runs-dir", default="runs", help="parent of the run directories")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = apply_overrides(get_preset(args.preset), args.overrides)
+        describe_points(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    raw = sys.argv[1:] if argv is None else argv
+    command = "python -m experiments.param_matched " + shlex.join(raw)
+    try:
+        payload = run(
+            args.preset,
+            args.overrides,
+            args.out_dir,
+            args.runs_dir,
+            progress=not args.no_progress,
+            command=command,
+        )
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    md = Path(args.out_dir) / f"param_matched_{args.preset}.md"
+    print(md.read_text())
+    print(f"wrote {md}, .json and .png ({len(payload['records'])} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

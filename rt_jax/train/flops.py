@@ -1,0 +1,170 @@
+"""Analytic model FLOPs per token for both block types, device peaks, and MFU.
+
+What is counted (2 FLOPs per multiply-add, matmuls only; norms, softmax, GELU, residual adds and the
+optimizer are left out, as in the usual 6N-style accounting):
+
+* per layer and token, forward, with D = d_model, F = mlp_hidden, H query heads, G kv heads,
+  K head dim, Q = H*K, C = G*K:
+    - ``q_proj``      2*D*Q
+    - ``kv_proj``     2*D*2C           (keys and values from the layer input; RT: the temporary pair)
+    - ``attn_logits`` 2*H*K*P          (P = keys per query, see below)
+    - ``attn_values`` 2*H*K*P
+    - ``out_proj``    2*Q*D
+    - ``mlp``         2*2*D*F
+    - ``kv_persistent`` 2*D*2C, **Recurrent Transformer only**: the persistent (k, v) of the layer
+      output z_t, computed once per position (the Transformer has no such matmul).
+* attention pairs: the causal half only. Position t (0-based) attends to t + 1 keys (the
+  Transformer: keys 0..t; RT: persistent keys 0..t-1 plus its temporary self key), so the mean over
+  a sequence of N positions is P = (N + 1) / 2 keys per query, identical for both block types.
+  Implementations that compute the masked upper triangle do more work than this; that is not
+  counted (model FLOPs, not hardware FLOPs).
+* head: 2*D*E per token with E = embedding_size (the padded rows are multiplied too); the
+  embedding lookup is a gather and counts 0.
+* training: 3x forward (the backward of every matmul costs two forward matmuls: input and weight
+  gradients). Recomputation (RT's built-in rematerialisation, ``remat``) is not counted, so MFU is
+  model-FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rt_jax.config import ModelConfig
+
+TRAIN_FACTOR = 3.0
+"""Forward + backward matmul FLOPs per forward matmul FLOP."""
+
+
+def causal_keys_per_query(seq_len: int) -> float:
+    """Mean number of keys a query attends to under a causal mask: (N + 1) / 2."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    return (seq_len + 1) / 2
+
+
+def layer_forward_flops_per_token(
+    model: ModelConfig, seq_len: int, *, keys_per_query: float | None = None
+) -> dict[str, float]:
+    """Forward matmul FLOPs per token of one layer, by component (see the module docstring).
+
+    ``keys_per_query`` overrides the causal mean (N + 1) / 2, e.g. N for an implementation that
+    computes the full masked square.
+    """
+    d, f, k = model.d_model, model.mlp_hidden, model.head_dim
+    q_dim, kv_dim = model.n_heads * k, model.n_kv_heads * k
+    p = causal_keys_per_query(seq_len) if keys_per_query is None else float(keys_per_query)
+    if p < 0:
+        raise ValueError(f"keys_per_query must be >= 0, got {keys_per_query}")
+    out = {
+        "q_proj": 2.0 * d * q_dim,
+        "kv_proj": 2.0 * d * 2 * kv_dim,
+        "attn_logits": 2.0 * model.n_heads * k * p,
+        "attn_values": 2.0 * model.n_heads * k * p,
+        "out_proj": 2.0 * q_dim * d,
+        "mlp": 2.0 * 2 * d * f,
+    }
+    if model.block_type == "recurrent":
+        out["kv_persistent"] = 2.0 * d * 2 * kv_dim
+    return out
+
+
+def head_forward_flops_per_token(model: ModelConfig) -> float:
+    """Forward FLOPs per token of the LM head (D x embedding_size matmul); the embedding is 0."""
+    return 2.0 * model.d_model * model.embedding_size
+
+
+def forward_flops_per_token(
+    model: ModelConfig, seq_len: int, *, keys_per_query: float | None = None
+) -> float:
+    """Whole-model forward matmul FLOPs per token (all layers plus the head)."""
+    layer = sum(
+        layer_forward_flops_per_token(model, seq_len, keys_per_query=keys_per_query).values()
+    )
+    return model.n_layers * layer + head_forward_flops_per_token(model)
+
+
+def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Forward + backward model FLOPs per trained token (3x forward; no recomputation counted)."""
+    return TRAIN_FACTOR * forward_flops_per_token(model, seq_len)
+
+
+def train_flops_per_step(model: ModelConfig, seq_len: int, batch_size: int) -> float:
+    """Model FLOPs of one optimizer step over batch_size sequences of seq_len tokens."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return train_flops_per_token(model, seq_len) * seq_len * batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """Published per-chip numbers: dense peak FLOP/s by dtype and HBM capacity in bytes."""
+
+    name: str
+    peak_bf16: float
+    peak_fp32: float
+    hbm_bytes: int
+
+
+_GIB = 1024**3
+_GB = 10**9
+# Dense (no sparsity) peaks from the vendors' spec sheets. TPU float32 matmuls run as bf16 passes at
+# JAX's default precision, so their float32 peak is taken as the bf16 peak. A GPU's float32 peak
+# is its non-tensor-core FP32 rate.
+DEVICES: dict[str, DeviceSpec] = {
+    "tpu v4": DeviceSpec("TPU v4", 275e12, 275e12, 32 * _GIB),
+    "tpu v5e": DeviceSpec("TPU v5e", 197e12, 197e12, 16 * _GIB),
+    "tpu v5p": DeviceSpec("TPU v5p", 459e12, 459e12, 95 * _GIB),
+    "tpu v6e": DeviceSpec("TPU v6e", 918e12, 918e12, 32 * _GIB),
+    "h100 sxm": DeviceSpec("NVIDIA H100 SXM", 989.4e12, 66.9e12, 80 * _GB),
+    "h100 pcie": DeviceSpec("NVIDIA H100 PCIe", 756.4e12, 51.2e12, 80 * _GB),
+    "a100": DeviceSpec("NVIDIA A100", 312e12, 19.5e12, 80 * _GB),
+}
+
+
+def device_spec(device_kind: str) -> DeviceSpec | None:
+    """The table entry for a ``jax.Device.device_kind`` string (e.g. "TPU v5 lite"); None if unknown."""
+    kind = device_kind.lower().strip()
+    if "tpu" in kind:
+        if "v6" in kind:
+            return DEVICES["tpu v6e"]
+        if "v5 lite" in kind or "v5e" in kind or "v5lite" in kind:
+            return DEVICES["tpu v5e"]
+        if "v5" in kind:  # "TPU v5" and "TPU v5p" are the v5p
+            return DEVICES["tpu v5p"]
+        if "v4" in kind:
+            return DEVICES["tpu v4"]
+        return None
+    if "h100" in kind:
+        return DEVICES["h100 pcie" if "pcie" in kind else "h100 sxm"]
+    if "a100" in kind:
+        return DEVICES["a100"]
+    return None
+
+
+def peak_flops_per_device(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """Dense peak FLOP/s of one chip for matmuls in ``dtype``; None if unknown (e.g. CPU)."""
+    if dtype not in ("bfloat16", "float16", "float32", "float64"):
+        raise ValueError(
+            f"dtype must be 'bfloat16', 'float16', 'float32' or 'float64', got {dtype!r}"
+        )
+    spec = device_spec(device_kind)
+    if spec is None or dtype == "float64":  # no float64 peak in the table
+        return None
+    return spec.peak_fp32 if dtype == "float32" else spec.peak_bf16
+
+
+def hbm_bytes_per_device(device_kind: str) -> int | None:
+    """HBM capacity of one chip in bytes; None if unknown."""
+    spec = device_spec(device_kind)
+    return None if spec is None else spec.hbm_bytes
+
+
+def mfu(
+    tokens_per_s: float, flops_per_token: float, n_devices: int, peak_per_device: float | None
+) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' total peak (None if unknown)."""
+    if n_devices <= 0:
+        raise ValueError(f"n_devices must be positive, got {n_devices}")
+    if peak_per_device is None or peak_per_device <= 0:
+        return None
+    return tokens_per_s * flops_per_token / (n_devices * peak_per_device)
