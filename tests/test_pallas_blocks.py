@@ -7,7 +7,8 @@ import numpy as np
 from pallas_kernels.rt_tiles.config import TpuTileConfig
 from rt_jax.ops import tiled
 from rt_jax.ops.block import AttentionSpec
-from rt_jax.ops.pallas_tiles import fenwick_block_grads, fenwick_block_merge, pallas_tile_ops
+from rt_jax.ops.fenwick_calls import fenwick_block_grads, fenwick_block_merge
+from rt_jax.ops.pallas_tiles import pallas_tile_ops
 from rt_jax.ops.tiles import JNP_TILE_OPS, SoftmaxState
 
 N_LEAVES, LEAF, B, H, G, KD = 6, 4, 2, 4, 2, 16  # 6 leaves: the block at m = 4 is truncated

@@ -1,6 +1,7 @@
 """The tiled Recurrent Transformer layer equals the token-by-token oracle, forward and backward."""
 
 import collections
+import dataclasses
 import re
 
 import chex
@@ -48,14 +49,14 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-4))
 
 
-def check_against_reference(spec, batch, n, leaf, dtype, tol, seed=0):
+def check_against_reference(spec, batch, n, leaf, dtype, tol, seed=0, tile_ops=JNP_TILE_OPS):
     kp, kx, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = random_params(kp, spec, dtype)
     x = jax.random.normal(kx, (batch, n, D_MODEL), dtype)
     cot = jax.random.normal(kc, (batch, n, D_MODEL), dtype)  # non-trivial upstream gradient
 
     def tiled(p, xx, s):
-        return recurrent_layer_tiled(p, xx, s, leaf_size=leaf)
+        return recurrent_layer_tiled(p, xx, s, leaf_size=leaf, tile_ops=tile_ops)
 
     (g_ref, gx_ref), z_ref = value_and_grads(recurrent_layer_reference, spec, params, x, cot)
     (g_til, gx_til), z_til = value_and_grads(tiled, spec, params, x, cot)
@@ -87,6 +88,17 @@ def test_tiled_matches_reference_float64(batch, n, leaf, position, n_kv):
 
 
 F32_TOL = 2e-5
+
+
+@pytest.mark.parametrize(
+    "batch,n,leaf,position,n_kv", [(2, 13, 2, "alibi", 2), (1, 23, 4, "rope", 4)]
+)
+def test_block_calls_match_reference_float64(batch, n, leaf, position, n_kv):
+    """One tile call per Fenwick block (the Pallas path's granularity); 7 and 6 leaves (truncated)."""
+    ops = dataclasses.replace(JNP_TILE_OPS, block_calls=True)
+    with jax.enable_x64(True):
+        spec = AttentionSpec(4, n_kv, 4, position=position, compute_dtype="float64")
+        check_against_reference(spec, batch, n, leaf, jnp.float64, tol=1e-10, tile_ops=ops)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ state with the persistent keys of the earlier positions of the same leaf, finali
 residual + MLP (``post_attention``) and writes the persistent (k_t, v_t) = kv_projection(z_t) into
 the leaf's buffer. After leaf i the binary-counter step at leaf granularity (m = i + 1,
 T = lowbit(m)) merges key leaves [m - T, m) into query leaves [m, min(m + T, n)), one leaf x leaf
-tile at a time through ``tile_ops.merge`` (``fori_loop``, no ``lax.switch``).
+tile at a time through ``tile_ops.merge`` (``fori_loop``, no ``lax.switch``), or, when
+``tile_ops.block_calls`` is set (the Pallas kernels), one call per Fenwick block
+(``rt_jax.ops.fenwick_calls``).
 
 Backward (``jax.custom_vjp``). Residuals: the layer input x, its output z and the per-query
 log-sum-exp. The backward recomputes q, k_tmp, v_tmp from x and the persistent K, V from z in
@@ -40,6 +42,7 @@ from rt_jax.ops.block import (
     post_attention,
     pre_attention,
 )
+from rt_jax.ops.fenwick_calls import fenwick_block_grads, fenwick_block_merge
 from rt_jax.ops.tiles import JNP_TILE_OPS, SoftmaxState, TileOps
 
 _REQUIRED = (
@@ -279,10 +282,13 @@ def _forward(
         k_l = k_l.at[i].set(k_leaf)
         v_l = v_l.at[i].set(v_leaf)
         m = i + 1
-        t = _lowbit(m)
-        state = _merge_leaf_tiles(
-            tile_ops, spec, leaf, q_l, k_l, v_l, state, m, jnp.minimum(m + t, n), m - t, m
-        )
+        if tile_ops.block_calls:
+            state = fenwick_block_merge(tile_ops, spec, leaf, q_l, k_l, v_l, state, m)
+        else:
+            t = _lowbit(m)
+            state = _merge_leaf_tiles(
+                tile_ops, spec, leaf, q_l, k_l, v_l, state, m, jnp.minimum(m + t, n), m - t, m
+            )
         return (state, k_l, v_l), (z_leaf, lse_leaf)
 
     _, (z_l, lse_l) = jax.lax.scan(leaf_step, (state0, kbuf0, kbuf0), (jnp.arange(n), x_l))
@@ -343,11 +349,18 @@ def _recompute_attention(
         acc.reshape(n, b, h, leaf, kd), new_max.reshape(n, b, h, leaf), den.reshape(n, b, h, leaf)
     )
 
-    # Cross-leaf pairs: query leaf j meets key leaves [0, j), one tile at a time.
-    def per_query_leaf(j, st):
-        return _merge_leaf_tiles(tile_ops, spec, leaf, q_l, k_l, v_l, st, j, j + 1, 0, j)
+    if tile_ops.block_calls:
+        # Cross-leaf pairs: the forward's Fenwick blocks, one call each.
+        def per_block(m, st):
+            return fenwick_block_merge(tile_ops, spec, leaf, q_l, k_l, v_l, st, m)
 
-    state = jax.lax.fori_loop(1, n, per_query_leaf, state)
+        state = jax.lax.fori_loop(1, n, per_block, state)
+    else:
+        # Cross-leaf pairs: query leaf j meets key leaves [0, j), one tile at a time.
+        def per_query_leaf(j, st):
+            return _merge_leaf_tiles(tile_ops, spec, leaf, q_l, k_l, v_l, st, j, j + 1, 0, j)
+
+        state = jax.lax.fori_loop(1, n, per_query_leaf, state)
     return state.acc / state.den[..., None]
 
 
@@ -478,18 +491,24 @@ def _backward(
         g_l = g_l.at[i].set(_pm_leaf_to_hm(g_o))
         delta_l = delta_l.at[i].set(_pm_leaf_to_hm(delta_o))
         # Mirror of forward block m = i: queries [i, i + T) push into keys [i - T, i).
-        t = _lowbit(i)
-        dq_l, dk_l, dv_l = _grad_leaf_tiles(
-            tile_ops,
-            spec,
-            leaf,
-            (q_l, k_l, v_l, g_l, lse_l, delta_l),
-            (dq_l, dk_l, dv_l),
-            i,
-            jnp.minimum(i + t, n),
-            i - t,
-            i,
-        )
+        tensors = (q_l, k_l, v_l, g_l, lse_l, delta_l)
+        if tile_ops.block_calls:
+            dq_l, dk_l, dv_l = fenwick_block_grads(
+                tile_ops, spec, leaf, tensors, (dq_l, dk_l, dv_l), i
+            )
+        else:
+            t = _lowbit(i)
+            dq_l, dk_l, dv_l = _grad_leaf_tiles(
+                tile_ops,
+                spec,
+                leaf,
+                tensors,
+                (dq_l, dk_l, dv_l),
+                i,
+                jnp.minimum(i + t, n),
+                i - t,
+                i,
+            )
         return (dk_l, dv_l, dq_l, g_l, delta_l), (dz_o, dhid_o, dx1_o, dq_o)
 
     zeros_kv = jnp.zeros((n, b, g, leaf, kd), acc_dt)

@@ -128,6 +128,8 @@ class TileOps:
     merge: MergeFn = merge_block
     grads: GradFn = block_grads
     name: str = "jnp"
+    block_calls: bool = False
+    """Call ``merge``/``grads`` once per Fenwick block (True) or once per leaf pair (False)."""
 
 
 JNP_TILE_OPS = TileOps()
