@@ -1,0 +1,274 @@
+"""Synthetic temporal-depth suite: one-layer Transformer vs Recurrent Transformer.
+
+One cell:
+    python -m experiments.synthetic --task parity --model recurrent --layers 1 --width 128 \
+        --seq-len 64 --steps 300 --seed 0 --out results/parity_rt.json
+The grid (results/synthetic.{json,md,png}); --quick is CI-sized, --full adds length 512 and tunes
+the learning rate per cell:
+    python -m experiments.synthetic --sweep [--quick | --full] [--out-dir results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rt_jax.data.synthetic import TASKS
+from rt_jax.train.tasks import TaskRun, train_task
+
+MODELS = ("transformer", "recurrent")
+LR_GRID = (1e-4, 5e-4, 1e-3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A sweep: which cells, how long, and how learning rates are picked."""
+
+    name: str
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    tune_steps: int
+    tune_length: int
+    lr_grid: tuple[float, ...]
+    tune_per_cell: bool = False
+    batch_size: int = 32
+
+
+GRIDS = {
+    "quick": Grid("quick", ("parity", "recall"), (16, 32), (0,), 20, 10, 16, (1e-3,), batch_size=8),
+    "default": Grid("default", tuple(TASKS), (64, 128, 256), (0, 1), 300, 100, 64, LR_GRID),
+    "full": Grid(
+        "full", tuple(TASKS), (64, 128, 256, 512), (0, 1, 2), 2000, 300, 64, LR_GRID, True
+    ),
+}
+
+
+def _run(args: argparse.Namespace, **changes: Any) -> TaskRun:
+    base = TaskRun(
+        task=args.task or "parity",
+        block_type=args.model,
+        n_layers=args.layers,
+        d_model=args.width,
+        n_heads=args.heads,
+        mlp_hidden=args.mlp or 4 * args.width,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch,
+        seed=args.seed,
+        impl=args.impl,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _tune(grid: Grid, base: TaskRun, length: int) -> tuple[float, dict[str, float]]:
+    """Pick the learning rate with the best accuracy after a short run (no run for one choice)."""
+    if len(grid.lr_grid) == 1:
+        return grid.lr_grid[0], {}
+    scores = {}
+    for lr in grid.lr_grid:
+        run = dataclasses.replace(base, seq_len=length, steps=grid.tune_steps, lr=lr, seed=0)
+        scores[str(lr)] = train_task(run)["accuracy"]
+    best = max(grid.lr_grid, key=lambda lr: scores[str(lr)])
+    return best, scores
+
+
+def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
+    """Run the grid and write ``synthetic.{json,md,png}`` (``synthetic_<grid>`` for non-default)."""
+    rows, picks = [], {}
+    start = time.perf_counter()
+    for task in grid.tasks:
+        for model in MODELS:
+            cell_base = dataclasses.replace(base, task=task, block_type=model, steps=grid.steps)
+            if not grid.tune_per_cell:
+                lr, scores = _tune(grid, cell_base, grid.tune_length)
+                picks[f"{task}/{model}"] = {"lr": lr, "tuning_accuracy": scores}
+            for length in grid.lengths:
+                if grid.tune_per_cell:
+                    lr, scores = _tune(grid, cell_base, length)
+                    picks[f"{task}/{model}/{length}"] = {"lr": lr, "tuning_accuracy": scores}
+                for seed in grid.seeds:
+                    run = dataclasses.replace(cell_base, seq_len=length, seed=seed, lr=lr)
+                    result = train_task(run)
+                    row = _record(run, result)
+                    rows.append(row)
+                    print(
+                        f"{task:15s} {model:12s} N={length:4d} seed={seed} lr={lr:g} "
+                        f"acc={row['accuracy']:.3f} ({row['seconds_per_step'] * 1e3:.0f} ms/step)",
+                        flush=True,
+                    )
+    suffix = "" if grid.name == "default" else f"_{grid.name}"
+    meta = {
+        "grid": dataclasses.asdict(grid),
+        "lr_picks": picks,
+        "wall_seconds": time.perf_counter() - start,
+        "command": " ".join(
+            [Path(sys.executable).name, "-m", "experiments.synthetic", *sys.argv[1:]]
+        ),
+        "commit": _commit(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+    }
+    _write_atomic(
+        out_dir / f"synthetic{suffix}.json", json.dumps({"meta": meta, "rows": rows}, indent=1)
+    )
+    _write_atomic(out_dir / f"synthetic{suffix}.md", _markdown(grid, rows, meta))
+    _plot(grid, rows, out_dir / f"synthetic{suffix}.png")
+    return rows
+
+
+def _record(run: TaskRun, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": run.task,
+        "model": run.block_type,
+        "layers": run.n_layers,
+        "width": run.d_model,
+        "seq_len": run.seq_len,
+        "seed": run.seed,
+        "steps": run.steps,
+        "lr": run.lr,
+        "accuracy": result["accuracy"],
+        "final_loss": result["final_loss"],
+        "seconds_per_step": result["seconds_per_step"],
+    }
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _summary(rows: list[dict[str, Any]], task: str, model: str, length: int) -> tuple[float, float]:
+    accs = [
+        r["accuracy"]
+        for r in rows
+        if (r["task"], r["model"], r["seq_len"]) == (task, model, length)
+    ]
+    return float(np.mean(accs)), float(np.max(accs) - np.min(accs)) if len(accs) > 1 else 0.0
+
+
+def _markdown(grid: Grid, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = "| task | model | lr | " + " | ".join(f"N={n}" for n in grid.lengths) + " |"
+    lines = [
+        f"# Synthetic suite ({grid.name} grid)",
+        "",
+        f"Token accuracy on held-out sequences (scored positions only), mean +- range over seeds "
+        f"{list(grid.seeds)}; one layer, width {rows[0]['width'] if rows else '?'}; "
+        f"{grid.steps} steps of batch {grid.batch_size}; lr tuned over {list(grid.lr_grid)} "
+        f"with {grid.tune_steps}-step runs at N={grid.tune_length}"
+        + (" per cell" if grid.tune_per_cell else "")
+        + ".",
+        "",
+        f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}, "
+        f"{meta['wall_seconds'] / 60:.1f} min).",
+        "",
+        head,
+        "|" + "---|" * (3 + len(grid.lengths)),
+    ]
+    for task in grid.tasks:
+        for model in MODELS:
+            lrs = sorted({r["lr"] for r in rows if (r["task"], r["model"]) == (task, model)})
+            cells = []
+            for n in grid.lengths:
+                mean, spread = _summary(rows, task, model, n)
+                cells.append(f"{mean:.3f} +- {spread / 2:.3f}")
+            lr_text = ",".join(f"{lr:g}" for lr in lrs)
+            lines.append(f"| {task} | {model} | {lr_text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(grid.tasks))
+    nrows = -(-len(grid.tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, grid.tasks, strict=False):
+        for model in MODELS:
+            stats = [_summary(rows, task, model, n) for n in grid.lengths]
+            means = [s[0] for s in stats]
+            errs = [s[1] / 2 for s in stats]
+            ax.errorbar(grid.lengths, means, yerr=errs, marker="o", capsize=3, label=model)
+        ax.set_title(task)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("token accuracy")
+    for ax in list(axes.flat)[len(grid.tasks) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--task", choices=sorted(TASKS))
+    p.add_argument("--model", choices=MODELS, default="recurrent")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--mlp", type=int, default=None, help="MLP width (default 4 x width)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--impl", default="tiled", choices=("reference", "tiled", "pallas"))
+    p.add_argument("--out", type=Path, help="JSON file for a single cell")
+    p.add_argument("--sweep", action="store_true", help="run a grid instead of one cell")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CI-sized grid")
+    size.add_argument("--full", action="store_true", help="the large grid (bigger machines)")
+    p.add_argument("--out-dir", type=Path, default=Path("results"))
+    args = p.parse_args(argv)
+    if args.sweep:
+        grid = GRIDS["quick" if args.quick else "full" if args.full else "default"]
+        base = dataclasses.replace(_run(args), batch_size=grid.batch_size)
+        sweep(grid, base, args.out_dir)
+        return
+    if args.task is None:
+        p.error("--task is required unless --sweep is given")
+    run = _run(args)
+    row = _record(run, train_task(run))
+    print(json.dumps(row))
+    if args.out:
+        _write_atomic(args.out, json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
