@@ -205,8 +205,11 @@ def markdown(
         "",
         f"Lowest mean validation CE: {best['name']} ({best['val_ce_mean']:.4f}).",
         "",
-        "Validation CE is per token on the held-out split at the last step; tokens/s is the median "
-        "over logged windows (compile excluded), median over seeds. sd is over seeds.",
+        "Validation CE is per token on the held-out split at the last step. tokens/s is training "
+        "throughput timed side by side after training: every model's compiled train step in one "
+        "process, interleaved rounds, median (``tokens_per_s_during_training`` in the JSON keeps "
+        "each run's own median over logged windows, which machine load during that run skews). "
+        "sd is over seeds.",
         "",
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['commit']}`  ",
@@ -314,6 +317,7 @@ def run(
     *,
     progress: bool = True,
     command: str | None = None,
+    throughput_rounds: int = 5,
 ) -> dict[str, Any]:
     """Train every point x seed, then write the JSON, Markdown and PNG results (see the docstring)."""
     started = time.time()
@@ -387,6 +391,15 @@ def run(
                 record["tokens_per_s"],
             )
 
+    if throughput_rounds and not failures:
+        log.info(
+            "timing the train steps of every point side by side (%d rounds)", throughput_rounds
+        )
+        side = measure_throughput(cfg, rounds=throughput_rounds)
+        for record in records:
+            record["tokens_per_s_during_training"] = record["tokens_per_s"]
+            record["tokens_per_s"] = side[record["name"]]
+
     out_dir = Path(out_dir)
     stem = f"param_matched_{preset}"
     meta = {
@@ -426,6 +439,43 @@ def run(
     return payload
 
 
+def measure_throughput(cfg: TrainConfig, rounds: int = 5, steps: int = 10) -> dict[str, float]:
+    """Training tokens/s of every compare point, timed side by side in this process.
+
+    Each point's sharded train step is built, compiled and warmed up once; then ``rounds`` rounds
+    time ``steps`` steps of every point in turn (interleaved, so machine load hits all points
+    alike) on a fixed random batch. Returns the median tokens/s per point name.
+    """
+    import jax
+    import numpy as np
+
+    from rt_jax.train.sharding import make_mesh
+    from rt_jax.train.step import build_train_step
+
+    cells = {}
+    for point in cfg.compare:
+        point_cfg = with_point(cfg, point, cfg.seeds[0])
+        ts = build_train_step(point_cfg, make_mesh(point_cfg.mesh))
+        spec = ts.batch_spec["tokens"]
+        tokens = np.random.default_rng(0).integers(0, point_cfg.model.vocab_size, spec.shape)
+        batch = {"tokens": jax.device_put(tokens.astype(spec.dtype), ts.batch_sharding["tokens"])}
+        state = ts.init()
+        state, metrics = ts.step(state, batch)  # compile and warm up
+        jax.block_until_ready(metrics)
+        cells[point.name] = [ts, state, batch]
+    speeds: dict[str, list[float]] = {name: [] for name in cells}
+    for _ in range(rounds):
+        for name, cell in cells.items():
+            ts, state, batch = cell
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = ts.step(state, batch)
+            jax.block_until_ready(metrics)
+            speeds[name].append(steps * cfg.tokens_per_step() / (time.perf_counter() - start))
+            cell[1] = state
+    return {name: statistics.median(v) for name, v in speeds.items()}
+
+
 def _train_cell(cfg: TrainConfig, workdir: Path, progress: bool) -> dict[str, Any]:
     from rt_jax.train.loop import train
 
@@ -447,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="results", help="where the results files go")
     parser.add_argument("--runs-dir", default="runs", help="parent of the run directories")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument(
+        "--throughput-rounds",
+        type=int,
+        default=5,
+        help="interleaved timing rounds of all train steps after training (0: skip)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -464,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             args.runs_dir,
             progress=not args.no_progress,
             command=command,
+            throughput_rounds=args.throughput_rounds,
         )
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)

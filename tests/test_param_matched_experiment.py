@@ -27,7 +27,7 @@ KEYS = ("model", "layers", "width", "non_embedding_params", "seed", "val_ce", "t
 def finished(tmp_path_factory):
     base = tmp_path_factory.mktemp("param_matched")
     argv = ["--preset", "tiny", "--no-progress", "--out-dir", str(base / "results")]
-    argv += ["--runs-dir", str(base / "runs")]
+    argv += ["--runs-dir", str(base / "runs"), "--throughput-rounds", "2"]
     for item in FAST:
         argv += ["--set", item]
     assert param_matched.main(argv) == 0
@@ -45,6 +45,7 @@ def test_writes_json_markdown_png(finished):
         assert r["model"] in ("transformer", "recurrent")
         assert (r["layers"], r["width"], r["non_embedding_params"]) == (2, 32, 24_864)
         assert 0 < r["val_ce"] < 8 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s_during_training"] > 0  # the run's own; tokens_per_s is side by side
         metrics = Path(r["run_dir"]) / "metrics.jsonl"
         assert metrics.exists()
         assert Path(r["run_dir"]) == base / "runs" / "param_matched_tiny" / f"{r['name']}_s0"
