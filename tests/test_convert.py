@@ -10,7 +10,6 @@ pairs kv(LN(z_s)) of earlier outputs and to its own temporary pair kv(LN(x_t)).
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import numpy as np
@@ -21,9 +20,6 @@ from rt_jax.convert import OLMO_DEFAULTS, config_from_olmo, from_olmo, params_fr
 from rt_jax.models.lm import init_params
 
 EPS = 1e-5
-TILED_AVAILABLE = os.path.exists(
-    os.path.join(os.path.dirname(__file__), "..", "rt_jax", "ops", "tiled.py")
-)
 
 
 @pytest.fixture
@@ -277,7 +273,6 @@ def test_logits_match_numpy_float64(x64, block_type, layout, position, n_kv):
     np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.skipif(not TILED_AVAILABLE, reason="rt_jax/ops/tiled.py is not in this checkout yet")
 def test_tiled_impl_matches_numpy_float64(x64):
     cfg = small_olmo_config(n_kv_heads=2)
     weights = random_weights(cfg, seed=3)
@@ -420,9 +415,7 @@ def test_layout_detected_without_block_type_field(rt_setup):
 
 def test_float64_needs_x64(rt_setup):
     cfg, _, sd = rt_setup
-    if jax.config.jax_enable_x64:
-        pytest.skip("x64 is enabled globally in this session")
-    with pytest.raises(ValueError, match="jax_enable_x64"):
+    with jax.enable_x64(False), pytest.raises(ValueError, match="jax_enable_x64"):
         from_olmo(cfg, sd, impl="reference", compute_dtype="float64")
 
 
