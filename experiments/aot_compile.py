@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from experiments.provenance import git_commit, machine
 
 DEFAULT_PRESETS = ("paper-150m", "paper-300m")
 DEFAULT_TOPOLOGIES = ("v5e:2x2", "v6e:2x2", "v5p:2x2x1")
@@ -285,26 +286,6 @@ def markdown(records: list[dict[str, Any]], command: str, machine: str, commit: 
     return "\n".join(lines) + "\n"
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _machine() -> str:
-    return f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -369,7 +350,7 @@ def run(
                     }
                 )
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command, "commit": _git_commit(), "machine": _machine()}
+    meta = {"command": command, "commit": git_commit(), "machine": machine()}
     done: list[list[dict[str, Any]] | None] = [None] * len(cells)
 
     def write() -> list[dict[str, Any]]:

@@ -26,16 +26,15 @@ import datetime
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from experiments.provenance import git_commit, machine
 from rt_jax.train.config import PRESETS, TrainConfig, apply_overrides, get_preset, with_point
 from rt_jax.train.flops import train_flops_per_token
 
@@ -257,40 +256,6 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
-
-
-def git_commit() -> str:
-    """Short commit hash of the checkout (with -dirty if tracked files changed), or "unknown"."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    """CPU count, platform and the JAX backend in one line."""
-    import jax
-
-    devices = jax.devices()
-    return (
-        f"{os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}"
-        f"; JAX {jax.__version__} on {len(devices)} x {devices[0].device_kind}"
-    )
 
 
 def _write_outputs(out_dir: Path, stem: str, files: dict[str, Any]) -> None:

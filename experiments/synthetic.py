@@ -14,8 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.provenance import git_commit, machine
 from rt_jax.data.synthetic import TASKS
 from rt_jax.train.tasks import TaskRun, train_task
 
@@ -125,8 +124,8 @@ def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
         "command": " ".join(
             [Path(sys.executable).name, "-m", "experiments.synthetic", *sys.argv[1:]]
         ),
-        "commit": _commit(),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "commit": git_commit(),
+        "machine": machine(),
     }
     _write_atomic(
         out_dir / f"synthetic{suffix}.json", json.dumps({"meta": meta, "rows": rows}, indent=1)
@@ -150,16 +149,6 @@ def _record(run: TaskRun, result: dict[str, Any]) -> dict[str, Any]:
         "final_loss": result["final_loss"],
         "seconds_per_step": result["seconds_per_step"],
     }
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _summary(rows: list[dict[str, Any]], task: str, model: str, length: int) -> tuple[float, float]:

@@ -7,9 +7,10 @@ step on 2 cores this is 40-55 minutes of steps for the 8 runs plus compiles and 
 measured wall time of the committed run is in results/param_matched_cpu-full.md.
 """
 
-from rt_jax.config import ModelConfig
-from rt_jax.data.config import DataConfig
+import dataclasses
+
 from rt_jax.train.config import ModelPoint, TrainConfig
+from rt_jax.train.presets import cpu_demo
 
 POINTS = (
     ModelPoint("transformer-4L", "transformer", 4, 128, 4, 512),
@@ -20,26 +21,5 @@ POINTS = (
 
 
 def config() -> TrainConfig:
-    """The cpu-full preset."""
-    first = POINTS[0]
-    return TrainConfig(
-        model=ModelConfig(
-            vocab_size=257,
-            embedding_size=264,
-            d_model=first.d_model,
-            n_heads=first.n_heads,
-            n_layers=first.n_layers,
-            mlp_hidden=first.mlp_hidden,
-            block_type=first.block_type,
-            impl="tiled",
-        ),
-        data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=128, batch_size=8),
-        steps=2000,
-        lr=3e-3,
-        log_every=50,
-        eval_points=10,
-        eval_batches=16,
-        checkpoint_every=500,
-        compare=POINTS,
-        seeds=(0, 1),
-    )
+    """The cpu-full preset: cpu-demo's recipe, both block types at both depths, two seeds."""
+    return dataclasses.replace(cpu_demo.config(), compare=POINTS, seeds=(0, 1))
