@@ -213,7 +213,8 @@ def markdown(
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['commit']}`  ",
         f"Machine: {meta['machine']}  ",
-        f"Finished: {meta['finished']} (wall time {meta['wall_s'] / 60:.1f} min)",
+        f"Finished: {meta['finished']} (this invocation: {meta['wall_s'] / 60:.1f} min; runs "
+        "already complete in their run directories are not retrained)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -282,7 +283,7 @@ def run(
     *,
     progress: bool = True,
     command: str | None = None,
-    throughput_rounds: int = 5,
+    throughput_rounds: int = 15,
 ) -> dict[str, Any]:
     """Train every point x seed, then write the JSON, Markdown and PNG results (see the docstring)."""
     started = time.time()
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--throughput-rounds",
         type=int,
-        default=5,
+        default=15,
         help="interleaved timing rounds of all train steps after training (0: skip)",
     )
     args = parser.parse_args(argv)
