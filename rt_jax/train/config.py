@@ -182,13 +182,10 @@ def replace_model(model: ModelConfig, **changes: Any) -> ModelConfig:
     return dataclasses.replace(model, **fields)
 
 
-def with_point(cfg: TrainConfig, point: ModelPoint, seed: int) -> TrainConfig:
-    """The single-model config of one comparison cell (model shape from ``point``, init ``seed``).
-
-    The data order (``data.shuffle_seed``) is left unchanged, so every cell sees the same tokens.
-    """
-    model = replace_model(
-        cfg.model,
+def point_model(model: ModelConfig, point: ModelPoint) -> ModelConfig:
+    """``model`` with the block type and shape of ``point`` (MHA; vocab, impl, dtype kept)."""
+    return replace_model(
+        model,
         block_type=point.block_type,
         n_layers=point.n_layers,
         d_model=point.d_model,
@@ -196,6 +193,14 @@ def with_point(cfg: TrainConfig, point: ModelPoint, seed: int) -> TrainConfig:
         n_kv_heads=None,
         mlp_hidden=point.mlp_hidden,
     )
+
+
+def with_point(cfg: TrainConfig, point: ModelPoint, seed: int) -> TrainConfig:
+    """The single-model config of one comparison cell (model shape from ``point``, init ``seed``).
+
+    The data order (``data.shuffle_seed``) is left unchanged, so every cell sees the same tokens.
+    """
+    model = point_model(cfg.model, point)
     return dataclasses.replace(cfg, model=model, seed=seed, compare=(), seeds=(seed,))
 
 

@@ -2,7 +2,7 @@
 
 from rt_jax.config import ModelConfig
 from rt_jax.data.config import DataConfig
-from rt_jax.train.config import ModelPoint, TrainConfig
+from rt_jax.train.config import ModelPoint, TrainConfig, point_model
 
 T5_SENTENCEPIECE = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 
@@ -25,18 +25,15 @@ def paper_config(steps: int, compare: tuple[ModelPoint, ...]) -> TrainConfig:
     the logits of one microbatch small; one microbatch of 512 (as the reference RT run) is
     ``--set microbatches=1``.
     """
-    first = compare[0]
     return TrainConfig(
-        model=ModelConfig(
-            vocab_size=32100,
-            embedding_size=32128,
-            d_model=first.d_model,
-            n_heads=first.n_heads,
-            n_layers=first.n_layers,
-            mlp_hidden=first.mlp_hidden,
-            block_type=first.block_type,
-            impl="tiled",
-            compute_dtype="bfloat16",
+        model=point_model(
+            ModelConfig(
+                vocab_size=32100,
+                embedding_size=32128,
+                impl="tiled",
+                compute_dtype="bfloat16",
+            ),
+            compare[0],
         ),
         data=DataConfig(
             corpus="c4",

@@ -10,7 +10,7 @@ when quiet): about 0.11 s/step for each model when quiet, so about 7 minutes of 
 
 from rt_jax.config import ModelConfig
 from rt_jax.data.config import DataConfig
-from rt_jax.train.config import ModelPoint, TrainConfig
+from rt_jax.train.config import ModelPoint, TrainConfig, point_model
 
 POINTS = (
     ModelPoint("transformer-4L", "transformer", 4, 128, 4, 512),
@@ -20,17 +20,14 @@ POINTS = (
 
 def config() -> TrainConfig:
     """The cpu-demo preset."""
-    first = POINTS[0]
     return TrainConfig(
-        model=ModelConfig(
-            vocab_size=257,
-            embedding_size=264,
-            d_model=first.d_model,
-            n_heads=first.n_heads,
-            n_layers=first.n_layers,
-            mlp_hidden=first.mlp_hidden,
-            block_type=first.block_type,
-            impl="tiled",
+        model=point_model(
+            ModelConfig(
+                vocab_size=257,
+                embedding_size=264,
+                impl="tiled",
+            ),
+            POINTS[0],
         ),
         data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=128, batch_size=8),
         steps=2000,
