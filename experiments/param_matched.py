@@ -1,18 +1,25 @@
-"""The main job: parameter-matched Transformer vs Recurrent Transformer, trained side by side.
+"""The main job: parameter-matched model families (Transformer, RT, LRT, recursive/MeSH) side by side.
 
     python -m experiments.param_matched --preset cpu-demo [--set field=value ...] [--out-dir results]
+    python -m experiments.param_matched --preset cpu-lrt --models transformer,recurrent,lrt-shared,lrt-layerwise
+    python -m experiments.param_matched --preset cpu-mesh --models transformer,recursive-base,mesh
+
+``--models`` keeps the preset's points of those families (``ModelPoint.family_name``); the
+same-shape families (transformer, recurrent, lrt-shared, lrt-layerwise) are added at the first
+point's shape when the preset lacks them. A subset writes ``param_matched_<preset>_<families>.*``.
 
 Trains every ``cfg.compare`` point with every seed in ``cfg.seeds`` (same data order, same tokens,
 equal non-embedding parameters) through ``rt_jax.train.loop.train``, in run directories
 ``<runs-dir>/param_matched_<preset>/<point>_s<seed>`` (default runs-dir ``runs``), so an interrupted
 job resumes where it stopped. Then writes, under ``--out-dir``:
 
-* ``param_matched_<preset>.json``: one record per trained model and seed with ``model``
-  ("transformer" | "recurrent"), ``layers``, ``width``, ``non_embedding_params``, ``seed``,
-  ``val_ce``, ``tokens_per_s`` (and heads, MLP, KV floats per token, FLOPs, steps, run dir, ...);
+* ``param_matched_<preset>.json``: one record per trained model and seed with ``model`` (the
+  family: "transformer", "recurrent", "lrt-shared", "mesh", ...), ``layers``, ``depth`` (compute
+  depth), ``width``, ``non_embedding_params``, ``seed``, ``val_ce``, ``tokens_per_s`` (LRT adds
+  ``val_ce_parallel``; also heads, MLP, KV floats per token, FLOPs, steps, run dir, ...);
 * ``param_matched_<preset>.md``: a table shaped like the paper's Table 1 (validation CE mean +- sd
-  over seeds), the RT/Transformer tokens-per-second ratio at each depth, the command, commit and
-  machine;
+  over seeds), every model against the Transformer of equal compute depth (tokens/s, train FLOPs
+  and parameter ratios, CE difference vs the seed spread), the command, commit and machine;
 * ``param_matched_<preset>.png``: training loss and validation CE curves of every run.
 
 The three files are written to temporary names and renamed only after every run succeeded, so a
@@ -22,6 +29,7 @@ failed job never replaces an earlier good result (it writes ``param_matched_<pre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -56,8 +64,11 @@ def describe_points(cfg: TrainConfig) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": point.name,
-                "model": model.block_type,
+                "model": point.family_name,
+                "block_type": model.block_type,
+                "options": point.options,
                 "layers": model.n_layers,
+                "depth": model.cache_layers,
                 "width": model.d_model,
                 "heads": model.n_heads,
                 "mlp_hidden": model.mlp_hidden,
@@ -86,13 +97,19 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per compared model: CE mean/sd/min/max over seeds and median tokens/s."""
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
-        row = rows.setdefault(r["name"], {k: r[k] for k in _SHAPE_KEYS} | {"ce": [], "tps": []})
+        shape = {k: r.get(k) for k in _SHAPE_KEYS}
+        row = rows.setdefault(r["name"], shape | {"ce": [], "tps": [], "ce_par": []})
         row["ce"].append(r["val_ce"])
         row["tps"].append(r["tokens_per_s"])
+        if r.get("val_ce_parallel") is not None:
+            row["ce_par"].append(r["val_ce_parallel"])
     out = []
     for row in rows.values():
-        ce, tps = row.pop("ce"), row.pop("tps")
+        ce, tps, ce_par = row.pop("ce"), row.pop("tps"), row.pop("ce_par")
         mean, sd = _mean_sd(ce)
+        extra = {}
+        if ce_par:
+            extra["val_ce_parallel_mean"] = _mean_sd(ce_par)[0]
         out.append(
             row
             | {
@@ -103,6 +120,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "val_ce_max": max(ce),
                 "tokens_per_s": statistics.median(tps),
             }
+            | extra
         )
     return out
 
@@ -110,34 +128,96 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 _SHAPE_KEYS = (
     "name",
     "model",
+    "options",
     "layers",
+    "depth",
     "width",
     "heads",
     "mlp_hidden",
     "non_embedding_params",
     "kv_floats_per_token",
+    "train_flops_per_token",
 )
+
+DISPLAY_NAMES = {
+    "transformer": "Transformer",
+    "recurrent": "Recurrent Transformer",
+    "lrt-shared": "LRT (shared)",
+    "lrt-layerwise": "LRT (layerwise)",
+    "recursive-base": "Recursive (base)",
+    "recursive-residual": "Recursive (+residual)",
+    "recursive-anchor": "Recursive (+anchor)",
+    "recursive-anchor-emb": "Recursive (+anchor*)",
+    "mesh": "Recursive (+MeSH)",
+}
+
+SAME_SHAPE_FAMILIES = {
+    "transformer": ("transformer", ""),
+    "recurrent": ("recurrent", ""),
+    "lrt-shared": ("transformer", "memory=shared"),
+    "lrt-layerwise": ("transformer", "memory=layerwise"),
+}
+"""Families ``--models`` can add to any preset at the shape of its first point: block type and
+ModelPoint options."""
+
+
+def select_models(cfg: TrainConfig, models: list[str]) -> TrainConfig:
+    """``cfg`` comparing only the families in ``models`` (ValueError naming what is available).
+
+    A family without a point in the preset is added at the first point's shape when it is one of
+    ``SAME_SHAPE_FAMILIES``; others (recursive layouts) need a preset that defines them.
+    """
+    if not cfg.compare:
+        raise ValueError("the preset has no compare points (TrainConfig.compare is empty)")
+    available = {p.family_name for p in cfg.compare}
+    base = cfg.compare[0]
+    points = []
+    for family in models:
+        chosen = [p for p in cfg.compare if p.family_name == family]
+        if not chosen and family in SAME_SHAPE_FAMILIES:
+            block_type, options = SAME_SHAPE_FAMILIES[family]
+            chosen = [
+                dataclasses.replace(
+                    base,
+                    name=f"{family}-{base.n_layers}L",
+                    block_type=block_type,
+                    family=family,
+                    options=options,
+                )
+            ]
+        if not chosen:
+            raise ValueError(
+                f"--models {family!r}: this preset has points for {sorted(available)}; "
+                f"{sorted(SAME_SHAPE_FAMILIES)} can be added at its first point's shape, "
+                "other families need a preset that defines them (e.g. cpu-mesh)"
+            )
+        points.extend(p for p in chosen if p not in points)
+    return dataclasses.replace(cfg, compare=tuple(points))
 
 
 def comparisons(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per depth with both block types: tokens/s ratio and CE difference against the seed spread."""
+    """Every non-Transformer row against the Transformer of the same compute depth: tokens/s and
+    train-FLOPs ratios, CE difference, and whether it exceeds the seed spread."""
+    baselines = {r["depth"]: r for r in summary if r["model"] == "transformer"}
     out = []
-    by_depth: dict[int, dict[str, dict[str, Any]]] = {}
-    for row in summary:
-        by_depth.setdefault(row["layers"], {})[row["model"]] = row
-    for depth in sorted(by_depth):
-        pair = by_depth[depth]
-        if {"transformer", "recurrent"} - set(pair):
+    for r in sorted(summary, key=lambda r: (-r["depth"], r["name"])):
+        t = baselines.get(r["depth"])
+        if r["model"] == "transformer" or t is None:
             continue
-        t, r = pair["transformer"], pair["recurrent"]
         diff = r["val_ce_mean"] - t["val_ce_mean"]
         spreads = [s for s in (t["val_ce_sd"], r["val_ce_sd"]) if s is not None]
         spread = max(spreads) if spreads else None
         out.append(
             {
-                "layers": depth,
+                "name": r["name"],
+                "model": r["model"],
+                "baseline": t["name"],
+                "layers": r["layers"],
+                "depth": r["depth"],
                 "tokens_per_s_ratio": r["tokens_per_s"] / t["tokens_per_s"],
-                "val_ce_diff_rt_minus_transformer": diff,
+                "train_flops_ratio": r["train_flops_per_token"] / t["train_flops_per_token"],
+                "non_embedding_params_ratio": r["non_embedding_params"] / t["non_embedding_params"],
+                "val_ce_diff_vs_transformer": diff,
                 "max_seed_sd": spread,
                 "exceeds_spread": None if spread is None else abs(diff) > 2 * spread,
                 "seed_ranges_overlap": max(t["val_ce_min"], r["val_ce_min"])
@@ -156,6 +236,11 @@ def _fmt_ce(row: dict[str, Any]) -> str:
     )
 
 
+def display_name(model: str) -> str:
+    """Human-readable name of a model family."""
+    return DISPLAY_NAMES.get(model, model)
+
+
 def markdown(
     preset: str,
     cfg: TrainConfig,
@@ -165,50 +250,67 @@ def markdown(
 ) -> str:
     """The Table-1-shaped report."""
     seeds = ", ".join(str(s) for s in cfg.seeds)
+    families = ", ".join(display_name(m) for m in dict.fromkeys(r["model"] for r in summary))
+    parallel = any("val_ce_parallel_mean" in r for r in summary)
     lines = [
-        f"# Parameter-matched Transformer vs Recurrent Transformer: `{preset}`",
+        f"# Parameter-matched comparison: `{preset}` ({families})",
         "",
         f"{cfg.steps} steps x {cfg.data.batch_size} x {cfg.data.seq_len} tokens "
         f"({cfg.steps * cfg.tokens_per_step():,} tokens per model), corpus "
         f"`{cfg.data.corpus}` / tokenizer `{cfg.data.tokenizer}`, lr {cfg.lr:g}, seeds {seeds}, "
         f"RT impl `{cfg.model.impl}`, compute dtype `{cfg.model.compute_dtype}`.",
         "",
-        "| Model | Layers | Width | Heads | MLP | Non-emb. params | KV floats/token "
-        "| Tokens/s | Val CE (mean ± sd, min–max) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Model | Layers (depth) | Width | Heads | MLP | Options | Non-emb. params "
+        "| KV floats/token | Train FLOPs/token | Tokens/s | Val CE (mean ± sd, min–max) |"
+        + (" Val CE, parallel |" if parallel else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if parallel else ""),
     ]
-    order = sorted(summary, key=lambda r: (r["model"] != "transformer", -r["layers"]))
+    order = sorted(summary, key=lambda r: (r["model"] != "transformer", -r["depth"], r["name"]))
     for r in order:
-        name = "Transformer" if r["model"] == "transformer" else "Recurrent Transformer"
-        lines.append(
-            f"| {name} | {r['layers']} | {r['width']} | {r['heads']} | {r['mlp_hidden']} "
-            f"| {r['non_embedding_params']:,} | {r['kv_floats_per_token']:,} "
+        layers = str(r["layers"]) if r["layers"] == r["depth"] else f"{r['layers']} ({r['depth']})"
+        line = (
+            f"| {display_name(r['model'])} | {layers} | {r['width']} | {r['heads']} "
+            f"| {r['mlp_hidden']} | {r.get('options') or '-'} | {r['non_embedding_params']:,} "
+            f"| {r['kv_floats_per_token']:,} | {r['train_flops_per_token'] / 1e6:.2f}M "
             f"| {r['tokens_per_s']:,.0f} | {_fmt_ce(r)} |"
         )
+        if parallel:
+            par = r.get("val_ce_parallel_mean")
+            line += f" {par:.4f} |" if par is not None else " - |"
+        lines.append(line)
     if comps:
         lines += [
             "",
-            "| Layers | RT / Transformer tokens/s | Val CE: RT − Transformer "
-            "| Larger seed sd | Difference > 2 sd? |",
-            "|---|---|---|---|---|",
+            "| Model vs Transformer of equal depth | Tokens/s ratio | Train FLOPs ratio "
+            "| Non-emb. params ratio | Val CE difference | Larger seed sd | Difference > 2 sd? |",
+            "|---|---|---|---|---|---|---|",
         ]
         for c in comps:
             sd = "-" if c["max_seed_sd"] is None else f"{c['max_seed_sd']:.4f}"
             exceeds = {True: "yes", False: "no", None: "n/a (1 seed)"}[c["exceeds_spread"]]
             lines.append(
-                f"| {c['layers']} | {c['tokens_per_s_ratio']:.2f} "
-                f"| {c['val_ce_diff_rt_minus_transformer']:+.4f} | {sd} | {exceeds} |"
+                f"| {display_name(c['model'])} ({c['name']}) vs {c['baseline']} "
+                f"| {c['tokens_per_s_ratio']:.2f} | {c['train_flops_ratio']:.2f} "
+                f"| {c['non_embedding_params_ratio']:.3f} "
+                f"| {c['val_ce_diff_vs_transformer']:+.4f} | {sd} | {exceeds} |"
             )
     best = min(summary, key=lambda r: r["val_ce_mean"])
     lines += [
         "",
         f"Lowest mean validation CE: {best['name']} ({best['val_ce_mean']:.4f}).",
         "",
-        "Validation CE is per token on the held-out split at the last step. tokens/s is training "
-        "throughput timed side by side after training: every model's compiled train step in one "
-        "process, interleaved rounds, median (``tokens_per_s_during_training`` in the JSON keeps "
-        "each run's own median over logged windows, which machine load during that run skews). "
-        "sd is over seeds.",
+        "Validation CE is per token on the held-out split at the last step"
+        + (
+            " (LRT: the exact recurrence, token by token with the carried memory; the parallel "
+            "column scores each position by the last training pass that computed it)"
+            if parallel
+            else ""
+        )
+        + ". Depth is the compute depth (a recursive core counts once per iteration). tokens/s "
+        "is training throughput timed side by side after training: every model's compiled train "
+        "step in one process, interleaved rounds, median (``tokens_per_s_during_training`` in the "
+        "JSON keeps each run's own median over logged windows, which machine load during that "
+        "run skews). Train FLOPs/token counts every training pass (analytic). sd is over seeds.",
         "",
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['commit']}`  ",
@@ -284,10 +386,14 @@ def run(
     progress: bool = True,
     command: str | None = None,
     throughput_rounds: int = 15,
+    models: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train every point x seed, then write the JSON, Markdown and PNG results (see the docstring)."""
     started = time.time()
     cfg = apply_overrides(get_preset(preset), overrides)
+    full_compare = cfg.compare
+    if models:
+        cfg = select_models(cfg, models)
     points = describe_points(cfg)
     log.info("parameter-matched models of preset %s:", preset)
     reference = points[0]["non_embedding_params"]
@@ -331,6 +437,7 @@ def run(
             record.update(
                 seed=seed,
                 val_ce=result["val_ce"],
+                **{k: v for k, v in result.items() if k.startswith("val_ce_")},
                 tokens_per_s=result["tokens_per_s"],
                 final_train_loss=losses[-1] if losses else None,
                 steps=result["steps"],
@@ -368,6 +475,8 @@ def run(
 
     out_dir = Path(out_dir)
     stem = f"param_matched_{preset}"
+    if cfg.compare != full_compare:  # a --models subset never replaces the preset's full result
+        stem += "_" + "-".join(dict.fromkeys(p.family_name for p in cfg.compare))
     meta = {
         "preset": preset,
         "overrides": list(overrides),
@@ -469,10 +578,19 @@ def main(argv: list[str] | None = None) -> int:
         default=15,
         help="interleaved timing rounds of all train steps after training (0: skip)",
     )
+    parser.add_argument(
+        "--models",
+        default="",
+        help="comma-separated model families to compare, e.g. transformer,recurrent,lrt-shared,"
+        "lrt-layerwise (default: every point of the preset)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         cfg = apply_overrides(get_preset(args.preset), args.overrides)
+        if models:
+            cfg = select_models(cfg, models)
         describe_points(cfg)
     except ValueError as err:
         parser.error(str(err))
@@ -487,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             command=command,
             throughput_rounds=args.throughput_rounds,
+            models=models,
         )
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -44,11 +44,39 @@ class Grid:
     lr_grid: tuple[float, ...]
     tune_per_cell: bool = False
     batch_size: int = 32
+    task_steps: tuple[tuple[str, int, int], ...] = ()
+    """Per-task (task, steps, tune_steps) overrides of ``steps`` / ``tune_steps``."""
+
+    def steps_for(self, task: str) -> tuple[int, int]:
+        """(training steps, tuning steps) of one task."""
+        for name, steps, tune in self.task_steps:
+            if name == task:
+                return steps, tune
+        return self.steps, self.tune_steps
 
 
+STATE_TRACKING = ("parity", "mod5", "s5")
+
+# The default grid fits about an hour on 2 quiet cores. Measured there (batch 16, one layer, width
+# 128): a step takes about 0.04 / 0.075 / 0.155 s at N = 64 / 128 / 256, so one (task, model, seed)
+# row of three lengths costs about 0.27 s per step. A one-layer RT needs about 150-200 steps to
+# learn parity and about 700 to learn mod 5 at N = 64 (lr 1e-3), so the state-tracking tasks get
+# 600 steps and the five MAD tasks 300; learning rates are tuned at N = 64 with runs of a third of
+# the cell's steps.
 GRIDS = {
     "quick": Grid("quick", ("parity", "recall"), (16, 32), (0,), 20, 10, 16, (1e-3,), batch_size=8),
-    "default": Grid("default", tuple(TASKS), (64, 128, 256), (0, 1), 300, 100, 64, LR_GRID),
+    "default": Grid(
+        "default",
+        tuple(TASKS),
+        (64, 128, 256),
+        (0, 1),
+        300,
+        100,
+        64,
+        LR_GRID,
+        batch_size=16,
+        task_steps=tuple((t, 600, 200) for t in STATE_TRACKING),
+    ),
     "full": Grid(
         "full", tuple(TASKS), (64, 128, 256, 512), (0, 1, 2), 2000, 300, 64, LR_GRID, True
     ),
@@ -81,14 +109,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _tune(grid: Grid, base: TaskRun, length: int) -> tuple[float, dict[str, float]]:
-    """Pick the learning rate with the best accuracy after a short run (no run for one choice)."""
+    """Pick the learning rate with the best accuracy after a short run (no run for one choice);
+    ties (e.g. every rate still at chance) go to the lowest final training loss."""
     if len(grid.lr_grid) == 1:
         return grid.lr_grid[0], {}
-    scores = {}
+    scores, losses = {}, {}
+    _, tune_steps = grid.steps_for(base.task)
     for lr in grid.lr_grid:
-        run = dataclasses.replace(base, seq_len=length, steps=grid.tune_steps, lr=lr, seed=0)
-        scores[str(lr)] = train_task(run)["accuracy"]
-    best = max(grid.lr_grid, key=lambda lr: scores[str(lr)])
+        run = dataclasses.replace(base, seq_len=length, steps=tune_steps, lr=lr, seed=0)
+        result = train_task(run)
+        scores[str(lr)], losses[str(lr)] = result["accuracy"], result["final_loss"]
+    best = max(grid.lr_grid, key=lambda lr: (scores[str(lr)], -losses[str(lr)]))
     return best, scores
 
 
@@ -98,7 +129,8 @@ def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
     start = time.perf_counter()
     for task in grid.tasks:
         for model in MODELS:
-            cell_base = dataclasses.replace(base, task=task, block_type=model, steps=grid.steps)
+            steps, _ = grid.steps_for(task)
+            cell_base = dataclasses.replace(base, task=task, block_type=model, steps=steps)
             if not grid.tune_per_cell:
                 lr, scores = _tune(grid, cell_base, grid.tune_length)
                 picks[f"{task}/{model}"] = {"lr": lr, "tuning_accuracy": scores}
@@ -161,22 +193,24 @@ def _summary(rows: list[dict[str, Any]], task: str, model: str, length: int) -> 
 
 
 def _markdown(grid: Grid, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    head = "| task | model | lr | " + " | ".join(f"N={n}" for n in grid.lengths) + " |"
+    head = "| task | model | steps | lr | " + " | ".join(f"N={n}" for n in grid.lengths) + " |"
     lines = [
         f"# Synthetic suite ({grid.name} grid)",
         "",
         f"Token accuracy on held-out sequences (scored positions only), mean +- range over seeds "
         f"{list(grid.seeds)}; one layer, width {rows[0]['width'] if rows else '?'}; "
-        f"{grid.steps} steps of batch {grid.batch_size}; lr tuned over {list(grid.lr_grid)} "
-        f"with {grid.tune_steps}-step runs at N={grid.tune_length}"
+        f"batch {grid.batch_size}; training steps per task in the steps column; lr tuned over "
+        f"{list(grid.lr_grid)} with runs of {grid.tune_steps} steps"
+        + "".join(f" ({t}: {tune})" for t, _, tune in grid.task_steps)
+        + f" at N={grid.tune_length}"
         + (" per cell" if grid.tune_per_cell else "")
-        + ".",
+        + " (picked rate in the lr column; ties broken by final training loss).",
         "",
         f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}, "
         f"{meta['wall_seconds'] / 60:.1f} min).",
         "",
         head,
-        "|" + "---|" * (3 + len(grid.lengths)),
+        "|" + "---|" * (4 + len(grid.lengths)),
     ]
     for task in grid.tasks:
         for model in MODELS:
@@ -186,7 +220,8 @@ def _markdown(grid: Grid, rows: list[dict[str, Any]], meta: dict[str, Any]) -> s
                 mean, spread = _summary(rows, task, model, n)
                 cells.append(f"{mean:.3f} +- {spread / 2:.3f}")
             lr_text = ",".join(f"{lr:g}" for lr in lrs)
-            lines.append(f"| {task} | {model} | {lr_text} | " + " | ".join(cells) + " |")
+            steps = grid.steps_for(task)[0]
+            lines.append(f"| {task} | {model} | {steps} | {lr_text} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

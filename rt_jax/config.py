@@ -8,6 +8,10 @@ from rt_jax.ops.block import DTYPES, POSITION_KINDS, AttentionSpec
 
 BLOCK_TYPES = ("transformer", "recurrent")
 IMPLS = ("reference", "tiled", "pallas")
+MEMORY_KINDS = ("none", "shared", "layerwise")
+MEMORY_INJECTIONS = ("both", "kv", "residual")
+MEMORY_TRAININGS = ("interleaved", "refine")
+HANDOFFS = ("base", "residual", "anchor", "anchor-emb", "mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +23,8 @@ class ModelConfig:
     ``impl`` chooses how recurrent blocks run: ``reference`` (token-by-token oracle), ``tiled``
     (Fenwick-tiled, custom backward) or ``pallas`` (tiled with Pallas kernels; pass
     ``interpret=True`` on CPU). ``leaf_size`` is the tiled schedule's smallest tile in positions.
+    ``memory_reset_token`` (LRT): the memory is zero at a position whose previous input token is
+    this id (a document separator such as EOS); -1 = never reset.
     """
 
     vocab_size: int = 256
@@ -38,6 +44,16 @@ class ModelConfig:
     leaf_size: int = 32
     interpret: bool = False
     remat: bool = False
+    memory: str = "none"
+    memory_layer: int = -1
+    memory_injection: str = "both"
+    memory_training: str = "interleaved"
+    memory_passes: int = 2
+    memory_reset_token: int = -1
+    loop: str = ""
+    handoff: str = "base"
+    mesh_slots: int | None = None
+    embed_scale: bool = False
 
     def __post_init__(self) -> None:
         def fill(name: str, value: int) -> None:
@@ -79,6 +95,52 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r}: expected {DTYPES}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim; d_model/n_heads = {self.head_dim}")
+        choices = {
+            "memory": MEMORY_KINDS,
+            "memory_injection": MEMORY_INJECTIONS,
+            "memory_training": MEMORY_TRAININGS,
+            "handoff": HANDOFFS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected {allowed}")
+        reset = self.memory_reset_token
+        if isinstance(reset, bool) or not isinstance(reset, int) or not -1 <= reset < self.vocab_size:
+            raise ValueError(
+                f"ModelConfig.memory_reset_token={reset!r}: use -1 (never reset the LRT memory) "
+                f"or a token id in [0, vocab_size={self.vocab_size}), e.g. the EOS id"
+            )
+        if self.memory != "none" and self.loop:
+            raise ValueError(
+                "ModelConfig: an LRT memory (memory != 'none') and a recursive loop layout "
+                f"(loop={self.loop!r}) cannot be combined: set one of them"
+            )
+        if self.memory != "none":
+            from rt_jax.models import lrt
+
+            lrt.validate(self)
+        if self.loop:
+            from rt_jax.models import recursive
+
+            recursive.validate(self)
+
+    @property
+    def family(self) -> str:
+        """Which model module runs this config: ``standard``, ``lrt`` or ``recursive``."""
+        if self.memory != "none":
+            return "lrt"
+        if self.loop:
+            return "recursive"
+        return "standard"
+
+    @property
+    def cache_layers(self) -> int:
+        """Layers with a KV cache: the unrolled compute depth (recursive cores count per loop)."""
+        if self.family == "recursive":
+            from rt_jax.models import recursive
+
+            return recursive.compute_depth(self)
+        return self.n_layers
 
     @property
     def head_dim(self) -> int:
@@ -98,13 +160,29 @@ class ModelConfig:
             compute_dtype=self.compute_dtype,
         )
 
-    def non_embedding_params(self) -> int:
-        """Parameters outside the embedding and LM head (blocks plus the final norm)."""
+    def block_params(self) -> int:
+        """Parameters of one block (attention, MLP and their norms)."""
         d, f = self.d_model, self.mlp_hidden
         q_dim = self.n_heads * self.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
-        per_layer = d * q_dim + q_dim + d * 2 * kv_dim + kv_dim + q_dim * d + 2 * d + 2 * d * f
-        return self.n_layers * per_layer + d
+        return d * q_dim + q_dim + d * 2 * kv_dim + kv_dim + q_dim * d + 2 * d + 2 * d * f
+
+    def non_embedding_params(self) -> int:
+        """Parameters outside the embedding and LM head (blocks plus the final norm, plus the
+        LRT memory pathway or MeSH routers when configured)."""
+        extra = 0
+        if self.family == "lrt":
+            from rt_jax.models import lrt
+
+            extra = lrt.extra_params(self)
+        elif self.family == "recursive":
+            from rt_jax.models import recursive
+
+            extra = recursive.extra_params(self)
+        return self._plain_non_embedding_params() + extra
+
+    def _plain_non_embedding_params(self) -> int:
+        return self.n_layers * self.block_params() + self.d_model
 
     def total_params(self) -> int:
         """All parameters, including the untied embedding and head."""
@@ -112,4 +190,4 @@ class ModelConfig:
 
     def kv_floats_per_token(self) -> int:
         """Floats cached per generated token (keys and values, all layers)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
+        return 2 * self.cache_layers * self.n_kv_heads * self.head_dim

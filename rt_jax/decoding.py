@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rt_jax.config import ModelConfig
-from rt_jax.models.lm import embed, head, layer_function
+from rt_jax.models.lm import embed, family_module, head, layer_function
 from rt_jax.ops.decode import decode_layer, prefill_layer
 
 PyTree = Any
@@ -35,15 +35,20 @@ PAD_TOKEN = -1
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[]
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths", "memory"], meta_fields=[]
 )
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys/values (L x B x G x S x K) and each row's number of filled positions (B,)."""
+    """Per-layer keys/values (L x B x G x S x K), each row's number of filled positions (B,), and
+    any per-row recurrent state (B x M: LRT's memory vector, M = d_model; M = 0 otherwise).
+
+    L is ``config.cache_layers``: the unrolled depth (a recursive core has a cache per iteration).
+    """
 
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
+    memory: jax.Array
 
     @property
     def size(self) -> int:
@@ -71,12 +76,20 @@ def kv_bytes_per_token(config: ModelConfig) -> int:
 
 def init_cache(config: ModelConfig, batch: int, cache_size: int) -> KVCache:
     """An empty cache for ``batch`` rows of up to ``cache_size`` positions."""
-    shape = (config.n_layers, batch, config.n_kv_heads, cache_size, config.head_dim)
+    shape = (config.cache_layers, batch, config.n_kv_heads, cache_size, config.head_dim)
     dtype = jnp.dtype(config.compute_dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    memory_width = config.d_model if config.family == "lrt" else 0
+    return KVCache(
+        jnp.zeros(shape, dtype),
+        jnp.zeros(shape, dtype),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch, memory_width), jnp.float32),
+    )
 
 
-def _write(cache_LxBxGxSxK: jax.Array, new_LxBxGxK: jax.Array, pos_B: jax.Array) -> jax.Array:
+def write_cache_entries(
+    cache_LxBxGxSxK: jax.Array, new_LxBxGxK: jax.Array, pos_B: jax.Array
+) -> jax.Array:
     b = pos_B.shape[0]
     # Advanced indices separated by a slice put the batch axis first: values are B x L x G x K.
     return cache_LxBxGxSxK.at[:, jnp.arange(b), :, pos_B].set(
@@ -91,6 +104,9 @@ def _prefill(
     config: ModelConfig,
     cache_size: int,
 ) -> tuple[jax.Array, KVCache]:
+    module = family_module(config)
+    if module is not None:
+        return module.prefill(params, tokens_BxP, lengths_B, config, cache_size)
     spec = config.attention_spec()
     fn = layer_function(config)
     recurrent = config.block_type == "recurrent"
@@ -108,6 +124,7 @@ def _prefill(
         jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, axis=3),
         jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, axis=3),
         lengths_B.astype(jnp.int32),
+        cache.memory,
     )
     return logits, cache
 
@@ -115,6 +132,9 @@ def _prefill(
 def _decode_step(
     params: PyTree, cache: KVCache, tokens_B: jax.Array, config: ModelConfig
 ) -> tuple[jax.Array, KVCache]:
+    module = family_module(config)
+    if module is not None:
+        return module.decode_step(params, cache, tokens_B, config)
     spec = config.attention_spec()
     recurrent = config.block_type == "recurrent"
     pos_B = cache.lengths
@@ -128,7 +148,12 @@ def _decode_step(
         body, embed(params, tokens_B), (params["blocks"], cache.k, cache.v)
     )
     logits = head(params, x_BxD, config)
-    return logits, KVCache(_write(cache.k, k_new, pos_B), _write(cache.v, v_new, pos_B), pos_B + 1)
+    return logits, KVCache(
+        write_cache_entries(cache.k, k_new, pos_B),
+        write_cache_entries(cache.v, v_new, pos_B),
+        pos_B + 1,
+        cache.memory,
+    )
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_size"))

@@ -54,7 +54,7 @@ def test_writes_json_markdown_png(finished):
     assert comp["tokens_per_s_ratio"] == pytest.approx(ratio)
     md = (results / "param_matched_tiny.md").read_text()
     assert "| Transformer | 2 | 32 |" in md and "| Recurrent Transformer | 2 | 32 |" in md
-    assert "KV floats/token" in md and "RT / Transformer tokens/s" in md
+    assert "KV floats/token" in md and "Model vs Transformer of equal depth" in md
     assert "python -m experiments.param_matched --preset tiny" in md
     assert "Commit:" in md and "CPUs" in md
     assert (results / "param_matched_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,15 +97,29 @@ def test_bad_field_is_named():
 
 
 def test_comparison_verdicts():
+    common = dict(non_embedding_params=1000, train_flops_per_token=10.0)
     rows = [
-        dict(model="transformer", layers=4, tokens_per_s=100.0, val_ce_mean=3.0, val_ce_sd=0.01,
-             val_ce_min=2.99, val_ce_max=3.01),
-        dict(model="recurrent", layers=4, tokens_per_s=70.0, val_ce_mean=2.9, val_ce_sd=0.02,
-             val_ce_min=2.88, val_ce_max=2.92),
-        dict(model="transformer", layers=8, tokens_per_s=50.0, val_ce_mean=3.1, val_ce_sd=None,
-             val_ce_min=3.1, val_ce_max=3.1),
+        dict(name="t4", model="transformer", layers=4, depth=4, tokens_per_s=100.0, val_ce_mean=3.0,
+             val_ce_sd=0.01, val_ce_min=2.99, val_ce_max=3.01, **common),
+        dict(name="r4", model="recurrent", layers=4, depth=4, tokens_per_s=70.0, val_ce_mean=2.9,
+             val_ce_sd=0.02, val_ce_min=2.88, val_ce_max=2.92, **common),
+        dict(name="t8", model="transformer", layers=8, depth=8, tokens_per_s=50.0, val_ce_mean=3.1,
+             val_ce_sd=None, val_ce_min=3.1, val_ce_max=3.1, **common),
     ]  # fmt: skip
     (c,) = param_matched.comparisons(rows)
     assert c["layers"] == 4 and c["tokens_per_s_ratio"] == pytest.approx(0.7)
-    assert c["val_ce_diff_rt_minus_transformer"] == pytest.approx(-0.1)
+    assert c["baseline"] == "t4" and c["train_flops_ratio"] == pytest.approx(1.0)
+    assert c["val_ce_diff_vs_transformer"] == pytest.approx(-0.1)
     assert c["exceeds_spread"] is True and c["seed_ranges_overlap"] is False
+
+
+def test_models_selects_and_adds_same_shape_families():
+    cfg = get_preset("tiny")
+    only = param_matched.select_models(cfg, ["recurrent"])
+    assert [p.family_name for p in only.compare] == ["recurrent"]
+    added = param_matched.select_models(cfg, ["transformer", "lrt-shared"])
+    assert [p.family_name for p in added.compare] == ["transformer", "lrt-shared"]
+    assert added.compare[1].options == "memory=shared"
+    assert added.compare[1].n_layers == cfg.compare[0].n_layers
+    with pytest.raises(ValueError, match="need a preset"):
+        param_matched.select_models(cfg, ["mesh"])

@@ -70,9 +70,25 @@ def test_bad_cell_raises():
 def test_tuning_picks_the_most_accurate_lr(monkeypatch):
     import experiments.synthetic as synthetic
 
-    monkeypatch.setattr(
-        synthetic, "train_task", lambda run: {"accuracy": {5e-4: 0.9}.get(run.lr, 0.1)}
-    )
+    seen_steps = []
+
+    def fake(run):
+        seen_steps.append(run.steps)
+        return {"accuracy": {5e-4: 0.9}.get(run.lr, 0.1), "final_loss": run.lr}
+
+    monkeypatch.setattr(synthetic, "train_task", fake)
     grid = Grid("t", ("parity",), (8,), (0,), 2, 1, 8, (1e-4, 5e-4, 1e-3))
     lr, scores = synthetic._tune(grid, _tiny(), 8)
     assert lr == 5e-4 and scores == {"0.0001": 0.1, "0.0005": 0.9, "0.001": 0.1}
+    # ties (all at chance) go to the lowest final loss; per-task tuning steps are used
+    monkeypatch.setattr(
+        synthetic, "train_task", lambda run: seen_steps.append(run.steps) or fake_tie(run)
+    )
+
+    def fake_tie(run):
+        return {"accuracy": 0.5, "final_loss": {1e-3: 0.2}.get(run.lr, 0.7)}
+
+    seen_steps.clear()
+    grid = dataclasses.replace(grid, task_steps=(("parity", 6, 3),))
+    lr, _ = synthetic._tune(grid, _tiny(), 8)
+    assert lr == 1e-3 and seen_steps == [3, 3, 3] and grid.steps_for("parity") == (6, 3)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from rt_jax.models.lm import cross_entropy_sums
 from rt_jax.train.config import MeshConfig, apply_overrides, get_preset
 from rt_jax.train.sharding import make_mesh
-from rt_jax.train.step import build_train_step, cross_entropy_sums
+from rt_jax.train.step import build_train_step
 
 
 def _batches(cfg, n, seed=0):

@@ -60,7 +60,33 @@ def _truncated_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax
     return std * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
 
 
+def family_module(config: ModelConfig) -> Any:
+    """The module implementing ``config.family`` (``lrt`` or ``recursive``), None for standard.
+
+    A family module provides ``validate``, ``extra_params``, ``init_params``, ``forward``,
+    ``prefill`` and ``decode_step`` with the signatures of the standard ones here (and in
+    ``rt_jax.decoding``); it may also provide ``loss_sums`` and ``eval_sums``.
+    """
+    if config.family == "lrt":
+        from rt_jax.models import lrt
+
+        return lrt
+    if config.family == "recursive":
+        from rt_jax.models import recursive
+
+        return recursive
+    return None
+
+
 def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
+    """Random parameters for ``config`` (standard models: see ``init_standard_params``)."""
+    module = family_module(config)
+    if module is not None:
+        return module.init_params(config, key)
+    return init_standard_params(config, key)
+
+
+def init_standard_params(config: ModelConfig, key: jax.Array) -> PyTree:
     """Random parameters with the reference code's "mitchell" truncated-normal init.
 
     sigma = 1/sqrt(D) for the embedding, w_q, w_kv, w_ff_in and the head; 1/sqrt(2 D (l+1)) for
@@ -148,26 +174,89 @@ def head(params: PyTree, x_BxNxD: jax.Array, config: ModelConfig) -> jax.Array:
 
 
 def forward(params: PyTree, tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
-    """Logits (B, N, embedding_size) in float32 for integer tokens (B, N)."""
+    """Logits (B, N, embedding_size) in float32 for integer tokens (B, N).
+
+    For LRT models these are the exact recurrent logits (the memory carried token by token).
+    """
     check_tokens(tokens_BxN, config.vocab_size)
+    module = family_module(config)
+    if module is not None:
+        return module.forward(params, tokens_BxN, config)
     return head(params, run_blocks(params, embed(params, tokens_BxN), config), config)
 
 
-class Blocks(nnx.Module):
-    """Owner of the stacked (n_layers, ...) block parameters, one ``nnx.Param`` per name."""
+def cross_entropy_sums(
+    logits_BxNxE: jax.Array, targets_BxN: jax.Array, vocab_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of per-token CE, sum of squared log-partition) over the real vocabulary.
 
-    def __init__(self, stacked: dict[str, jax.Array]):
-        self.names = tuple(stacked)
-        for name, value in stacked.items():
-            setattr(self, name, nnx.Param(value))
+    Logits of padding rows (index >= vocab_size) are masked to -inf, so they get no probability.
+    """
+    logits = logits_BxNxE.astype(jnp.float32)
+    if logits.shape[-1] > vocab_size:
+        real = jnp.arange(logits.shape[-1]) < vocab_size
+        logits = jnp.where(real, logits, -jnp.inf)
+    lse_BxN = jax.nn.logsumexp(logits, axis=-1)
+    target_BxN = jnp.take_along_axis(logits, targets_BxN[..., None], axis=-1)[..., 0]
+    return jnp.sum(lse_BxN - target_BxN), jnp.sum(jnp.square(lse_BxN))
 
-    def params(self) -> dict[str, jax.Array]:
-        """The stacked parameters as a plain dict of arrays."""
-        return {name: getattr(self, name)[...] for name in self.names}
+
+def loss_sums(
+    params: PyTree, inputs_BxN: jax.Array, targets_BxN: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The training objective as (CE sum, squared-log-partition sum) on the scale of B*N tokens.
+
+    Standard models: the sums of ``cross_entropy_sums`` over the forward's logits. A family may
+    train with another objective (LRT: the mean over its parallel passes, rescaled to B*N tokens).
+    """
+    module = family_module(config)
+    if module is not None and hasattr(module, "loss_sums"):
+        return module.loss_sums(params, inputs_BxN, targets_BxN, config)
+    logits = forward(params, inputs_BxN, config)
+    return cross_entropy_sums(logits, targets_BxN, config.vocab_size)
+
+
+def eval_sums(
+    params: PyTree, inputs_BxN: jax.Array, targets_BxN: jax.Array, config: ModelConfig
+) -> dict[str, jax.Array]:
+    """Validation sums: ``ce_sum`` of the exact model, plus family extras (``ce_sum_<name>``)."""
+    module = family_module(config)
+    if module is not None and hasattr(module, "eval_sums"):
+        return module.eval_sums(params, inputs_BxN, targets_BxN, config)
+    logits = forward(params, inputs_BxN, config)
+    return {"ce_sum": cross_entropy_sums(logits, targets_BxN, config.vocab_size)[0]}
+
+
+class ParamDict(nnx.Module):
+    """Owner of a (nested) dict of parameters: arrays become ``nnx.Param``, dicts submodules."""
+
+    def __init__(self, tree: dict[str, Any]):
+        self.names = tuple(tree)
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                setattr(self, name, ParamDict(value))
+            else:
+                setattr(self, name, nnx.Param(value))
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as a plain (nested) dict of arrays."""
+        out = {}
+        for name in self.names:
+            value = getattr(self, name)
+            out[name] = value.params() if isinstance(value, ParamDict) else value[...]
+        return out
+
+
+Blocks = ParamDict
+"""Owner of the stacked (n_layers, ...) block parameters (a ``ParamDict``)."""
 
 
 class LanguageModel(nnx.Module):
-    """A Transformer or Recurrent Transformer LM; ``model(tokens_BxN)`` returns float32 logits."""
+    """Any model of this library; ``model(tokens_BxN)`` returns float32 logits.
+
+    Owns the parameter pytree of ``init_params`` (top-level arrays as ``nnx.Param``, dicts such as
+    the stacked ``blocks`` as ``ParamDict`` submodules).
+    """
 
     def __init__(
         self,
@@ -182,19 +271,11 @@ class LanguageModel(nnx.Module):
             params = init_params(config, rngs.params())
         layer_function(config)  # fail fast on an impl that cannot run here
         self.config = config
-        self.embed = nnx.Param(params["embed"])
-        self.blocks = Blocks(params["blocks"])
-        self.ln_f = nnx.Param(params["ln_f"])
-        self.head = nnx.Param(params["head"])
+        self.tree = ParamDict(params)
 
     def params(self) -> PyTree:
         """Parameters as the plain pytree that ``forward`` takes."""
-        return {
-            "embed": self.embed[...],
-            "blocks": self.blocks.params(),
-            "ln_f": self.ln_f[...],
-            "head": self.head[...],
-        }
+        return self.tree.params()
 
     def __call__(self, tokens_BxN: jax.Array) -> jax.Array:
         """Logits (B, N, embedding_size), float32."""

@@ -13,7 +13,7 @@ from typing import Any
 from rt_jax.config import ModelConfig
 from rt_jax.data.config import DataConfig
 
-PRESETS = ("tiny", "cpu-demo", "cpu-full", "paper-150m", "paper-300m")
+PRESETS = ("tiny", "cpu-demo", "cpu-full", "cpu-lrt", "cpu-mesh", "paper-150m", "paper-300m")
 ADAM_B2_CHOICES = (0.95, 0.99)
 
 
@@ -27,6 +27,14 @@ class ModelPoint:
     d_model: int
     n_heads: int
     mlp_hidden: int
+    family: str = ""
+    options: str = ""
+
+    @property
+    def family_name(self) -> str:
+        """The model family this point belongs to (``--models`` selects by it): ``family`` if
+        set, else the block type."""
+        return self.family or self.block_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +191,15 @@ def replace_model(model: ModelConfig, **changes: Any) -> ModelConfig:
 
 
 def point_model(model: ModelConfig, point: ModelPoint) -> ModelConfig:
-    """``model`` with the block type and shape of ``point`` (MHA; vocab, impl, dtype kept)."""
+    """``model`` with the block type, shape and ``options`` of ``point`` (MHA; vocab, impl,
+    dtype kept). ``options`` are comma-separated ModelConfig ``field=value`` pairs, e.g.
+    ``"memory=shared,memory_passes=2"`` or ``"loop=1+2R2+1,handoff=mesh"``."""
+    changes: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in point.options.split(","))):
+        if "=" not in item:
+            raise ValueError(f"ModelPoint {point.name!r}: option {item!r} is not field=value")
+        key, text = (t.strip() for t in item.split("=", 1))
+        _parse_path(model, [key], text, f"{point.name}: {item}", changes)
     return replace_model(
         model,
         block_type=point.block_type,
@@ -192,6 +208,7 @@ def point_model(model: ModelConfig, point: ModelPoint) -> ModelConfig:
         n_heads=point.n_heads,
         n_kv_heads=None,
         mlp_hidden=point.mlp_hidden,
+        **changes,
     )
 
 

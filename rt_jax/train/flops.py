@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 from rt_jax.config import ModelConfig
+from rt_jax.models.lm import family_module
 
 TRAIN_FACTOR = 3.0
 """Forward + backward matmul FLOPs per forward matmul FLOP."""
@@ -76,15 +77,26 @@ def head_forward_flops_per_token(model: ModelConfig) -> float:
 def forward_flops_per_token(
     model: ModelConfig, seq_len: int, *, keys_per_query: float | None = None
 ) -> float:
-    """Whole-model forward matmul FLOPs per token (all layers plus the head)."""
+    """Whole-model forward matmul FLOPs per token (all unrolled layers, the head, and a model
+    family's extras such as LRT's memory projections or MeSH's routers)."""
     layer = sum(
         layer_forward_flops_per_token(model, seq_len, keys_per_query=keys_per_query).values()
     )
-    return model.n_layers * layer + head_forward_flops_per_token(model)
+    extra = 0.0
+    module = family_module(model)
+    if module is not None and hasattr(module, "extra_forward_flops_per_token"):
+        extra = module.extra_forward_flops_per_token(model, seq_len)
+    return model.cache_layers * layer + head_forward_flops_per_token(model) + extra
 
 
 def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Forward + backward model FLOPs per trained token (3x forward; no recomputation counted)."""
+    """Forward + backward model FLOPs per trained token (3x forward; no recomputation counted).
+
+    A family whose training runs several passes (LRT) counts all of them.
+    """
+    module = family_module(model)
+    if module is not None and hasattr(module, "train_flops_per_token"):
+        return module.train_flops_per_token(model, seq_len)
     return TRAIN_FACTOR * forward_flops_per_token(model, seq_len)
 
 

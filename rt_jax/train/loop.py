@@ -167,22 +167,28 @@ class _Validation:
         self._cached = [b for _, b in zip(range(self.cfg.eval_batches), it, strict=False)]
         return self._cached
 
-    def __call__(self, params: PyTree) -> float:
-        ce_sum, tokens = 0.0, 0.0
+    def __call__(self, params: PyTree) -> dict[str, float]:
+        """{"val_ce": ...} plus ``val_ce_<name>`` for each extra ``ce_sum_<name>`` the model
+        reports (e.g. LRT's ``val_ce_parallel``)."""
+        sums: dict[str, float] = {}
         for local in self._batches():
             out = jax.device_get(self.ts.eval_step(params, _global_batch(self.ts, local)))
-            ce_sum += float(out["ce_sum"])
-            tokens += float(out["tokens"])
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        tokens = sums.pop("tokens", 0.0)
         if tokens == 0:
             raise ValueError("the validation split gave no full batch: lower data.batch_size")
-        return ce_sum / tokens
+        return {
+            "val_ce" + key.removeprefix("ce_sum"): value / tokens for key, value in sums.items()
+        }
 
 
 def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Train one model in ``workdir`` (resuming if it has checkpoints); see the module docstring.
 
     Returns {"val_ce", "tokens_per_s", "steps", "history"}; ``val_ce`` is the last evaluation's
-    (None when ``eval_points == 0``), ``tokens_per_s`` the median over logged windows.
+    (None when ``eval_points == 0``), ``tokens_per_s`` the median over logged windows. Models that
+    report extra validation numbers (LRT: ``val_ce_parallel``) add them under their names.
     """
     workdir = pathlib.Path(workdir)
     maybe_initialize_distributed(cfg)
@@ -217,14 +223,18 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     tokens_per_step = cfg.tokens_per_step()
     last_good = start if restored is not None else None
     last_val: float | None = None
+    last_extra: dict[str, float] = {}
     for record in writer.history:
         if "val_ce" in record:
             last_val = record["val_ce"]
+            last_extra = {k: v for k, v in record.items() if k.startswith("val_ce_")}
 
     def run_eval(step: int) -> float:
-        val = validate(state["params"])
-        writer.write({"step": step, "val_ce": val})
-        return val
+        nonlocal last_extra
+        vals = validate(state["params"])
+        writer.write({"step": step, **vals})
+        last_extra = {k: v for k, v in vals.items() if k != "val_ce"}
+        return vals["val_ce"]
 
     if start == 0 and 0 in evals and cfg.steps > 0:
         last_val = run_eval(0)
@@ -330,6 +340,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     ]
     return {
         "val_ce": last_val,
+        **last_extra,
         "tokens_per_s": statistics.median(speeds_steady or speeds) if speeds else None,
         "steps": cfg.steps,
         "history": writer.history,

@@ -18,28 +18,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rt_jax.models.lm import forward, init_params
+from rt_jax.models.lm import eval_sums, init_params, loss_sums
 from rt_jax.train import sharding as shd
 from rt_jax.train.config import TrainConfig
 from rt_jax.train.optim import learning_rate_schedule, make_optimizer
 
 PyTree = Any
-
-
-def cross_entropy_sums(
-    logits_BxNxE: jax.Array, targets_BxN: jax.Array, vocab_size: int
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of per-token CE, sum of squared log-partition) over the real vocabulary.
-
-    Logits of padding rows (index >= vocab_size) are masked to -inf, so they get no probability.
-    """
-    logits = logits_BxNxE.astype(jnp.float32)
-    if logits.shape[-1] > vocab_size:
-        real = jnp.arange(logits.shape[-1]) < vocab_size
-        logits = jnp.where(real, logits, -jnp.inf)
-    lse_BxN = jax.nn.logsumexp(logits, axis=-1)
-    target_BxN = jnp.take_along_axis(logits, targets_BxN[..., None], axis=-1)[..., 0]
-    return jnp.sum(lse_BxN - target_BxN), jnp.sum(jnp.square(lse_BxN))
 
 
 def split_tokens(tokens_BxNp1: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -124,8 +108,7 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
 
     def loss_fn(params: PyTree, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         inputs, targets = split_tokens(tokens)
-        logits = forward(params, inputs, model_cfg)
-        ce_sum, z_sum = cross_entropy_sums(logits, targets, model_cfg.vocab_size)
+        ce_sum, z_sum = loss_sums(params, inputs, targets, model_cfg)
         ce = ce_sum / global_tokens
         return ce + cfg.z_loss * z_sum / global_tokens, ce
 
@@ -183,9 +166,8 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
 
     def eval_fn(params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         inputs, targets = split_tokens(batch["tokens"])
-        logits = forward(params, inputs, model_cfg)
-        ce_sum, _ = cross_entropy_sums(logits, targets, model_cfg.vocab_size)
-        return {"ce_sum": ce_sum, "tokens": jnp.asarray(targets.size, jnp.float32)}
+        sums = eval_sums(params, inputs, targets, model_cfg)
+        return {**sums, "tokens": jnp.asarray(targets.size, jnp.float32)}
 
     eval_step = jax.jit(
         eval_fn, in_shardings=(p_shardings, batch_sharding), out_shardings=replicated
