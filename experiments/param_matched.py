@@ -479,6 +479,7 @@ def run(
         stem += "_" + "-".join(dict.fromkeys(p.family_name for p in cfg.compare))
     meta = {
         "preset": preset,
+        "stem": stem,
         "overrides": list(overrides),
         "command": command or f"python -m experiments.param_matched --preset {preset}",
         "commit": git_commit(),
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    md = Path(args.out_dir) / f"param_matched_{args.preset}.md"
+    md = Path(args.out_dir) / f"{payload['stem']}.md"
     print(md.read_text())
     print(f"wrote {md}, .json and .png ({len(payload['records'])} runs)")
     return 0

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr)
         return 143
-    summary = {k: result[k] for k in ("val_ce", "tokens_per_s", "steps")}
+    keys = ("val_ce", *(k for k in result if k.startswith("val_ce_")), "tokens_per_s", "steps")
+    summary = {k: result[k] for k in keys}
     print(json.dumps(summary))
     return 0
 

@@ -105,7 +105,11 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected {allowed}")
         reset = self.memory_reset_token
-        if isinstance(reset, bool) or not isinstance(reset, int) or not -1 <= reset < self.vocab_size:
+        if (
+            isinstance(reset, bool)
+            or not isinstance(reset, int)
+            or not -1 <= reset < self.vocab_size
+        ):
             raise ValueError(
                 f"ModelConfig.memory_reset_token={reset!r}: use -1 (never reset the LRT memory) "
                 f"or a token id in [0, vocab_size={self.vocab_size}), e.g. the EOS id"

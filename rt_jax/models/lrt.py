@@ -1,0 +1,554 @@
+"""Latent Recurrent Transformer (LRT, Huang et al. 2026) on the standard Transformer block.
+
+The memory of position t is the source state of position t-1 (``memory_layer=-1``: the final
+normalised state LN_f(x_L) that feeds the head; ``i >= 0``: the residual stream after layer i),
+zero at t = 0 and after a ``memory_reset_token`` (document starts). Every layer l reads it, with
+u = LN_attn(x) the layer's attention input:
+
+    x      <- x + gamma_l * m                                   ResidualInjection (gamma init 0.1)
+    g_loc, g_mem = split(2 * sigmoid(u @ W_g,l))                 per token and kv head (W_g init 0)
+    k, v   = g_loc * split(u @ w_kv) + g_mem * split(m @ W_kvmem) KVProjection, then LN_k (+ RoPE)
+
+and then runs the baseline layer unchanged (queries, attention, MLP). ``memory="shared"`` uses one
+W_kvmem for every layer (computed once per token), ``"layerwise"`` one per layer;
+``memory_injection="kv"`` drops gamma, ``"residual"`` drops the gates and W_kvmem. With zero memory
+and the gates at init, a layer equals ``transformer_layer`` exactly.
+
+Three ways to run one model, all built from ``_run_layers`` (a scan over the stacked layers):
+
+* exact (``forward``, ``prefill``, ``decode_step``): the true recurrence, token by token with a KV
+  cache and the carried memory; all three call the same ``_token_step``.
+* interleaved training (``memory_training="interleaved"``, S = ``memory_passes``): pass 0 runs the
+  full sequence with zero memory and keeps every layer's K/V and the source states; then subsets
+  s = 0..S-1 in order (positions p = s mod S, static strided slices) rerun with the latest memory,
+  write their fresh K/V into the buffer and attend causally to the whole buffer.
+* multi-refinement (``"refine"``, K = ``memory_passes``): K more full passes, each with the
+  previous pass's shifted source states as memory.
+
+Training loss: the mean over passes of each pass's mean cross-entropy (nothing detached).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from rt_jax.decoding import KVCache, init_cache, write_cache_entries
+from rt_jax.models.lm import cross_entropy_sums, embed, head, init_standard_params
+from rt_jax.ops.block import (
+    AttentionSpec,
+    Params,
+    _matmul,
+    apply_rope,
+    attention_bias,
+    group_queries,
+    layer_norm,
+    post_attention,
+    pre_attention,
+    query_projection,
+)
+from rt_jax.ops.decode import cached_attention
+from rt_jax.ops.transformer import causal_attention
+
+if TYPE_CHECKING:
+    from rt_jax.config import ModelConfig
+
+PyTree = Any
+PARAMS_KEY = "lrt"
+"""Top-level key of the memory pathway's parameters in the model's parameter tree."""
+GAMMA_INIT = 0.1
+"""Initial ResidualInjection scale of every layer (the reference code's value)."""
+
+
+def uses_residual(config: ModelConfig) -> bool:
+    """Whether the memory is added to the residual stream (gamma)."""
+    return config.memory_injection in ("both", "residual")
+
+
+def uses_kv(config: ModelConfig) -> bool:
+    """Whether the memory is mixed into the keys and values (gates and W_kvmem)."""
+    return config.memory_injection in ("both", "kv")
+
+
+def validate(config: ModelConfig) -> None:
+    """Raise ValueError unless ``config`` describes a valid LRT model."""
+    if config.block_type != "transformer":
+        raise ValueError(
+            f"LRT (memory={config.memory!r}) runs on the Transformer block only, got "
+            f"block_type={config.block_type!r}: set block_type='transformer' or memory='none'"
+        )
+    passes = config.memory_passes
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(
+            f"ModelConfig.memory_passes={passes!r} must be a positive int (interleaved: the "
+            "number S of position subsets; refine: the number K of extra full passes)"
+        )
+    layer = config.memory_layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer < config.n_layers:
+        raise ValueError(
+            f"ModelConfig.memory_layer={layer!r}: use -1 (the final normalised state) or a layer "
+            f"index in [0, n_layers={config.n_layers})"
+        )
+
+
+def memory_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the memory pathway's parameters (the ``lrt`` subtree), by name."""
+    n_layers, d = config.n_layers, config.d_model
+    kv_dim = config.n_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if uses_residual(config):
+        shapes["gamma"] = (n_layers,)
+    if uses_kv(config):
+        shapes["w_gate"] = (n_layers, d, 2 * config.n_kv_heads)
+        if config.memory == "shared":
+            shapes["w_kvmem_shared"] = (d, 2 * kv_dim)
+        else:
+            shapes["w_kvmem"] = (n_layers, d, 2 * kv_dim)
+    return shapes
+
+
+def extra_params(config: ModelConfig) -> int:
+    """Parameters the memory pathway adds to the baseline Transformer."""
+    return sum(math.prod(shape) for shape in memory_param_shapes(config).values())
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
+    """The baseline's parameters (identical to a Transformer initialised with the same key) plus
+    the ``lrt`` subtree: gamma 0.1, gates 0 (so 2*sigmoid = 1), W_kvmem initialised like w_kv."""
+    params = init_standard_params(config, key)
+    d = config.d_model
+    memory_key = jax.random.fold_in(key, 0x4C5254)
+    memory = {}
+    for i, (name, shape) in enumerate(memory_param_shapes(config).items()):
+        if name == "gamma":
+            memory[name] = jnp.full(shape, GAMMA_INIT, jnp.float32)
+        elif name == "w_gate":
+            memory[name] = jnp.zeros(shape, jnp.float32)
+        else:
+            k = jax.random.fold_in(memory_key, i)
+            memory[name] = d**-0.5 * jax.random.truncated_normal(k, -3.0, 3.0, shape, jnp.float32)
+    return {**params, PARAMS_KEY: memory}
+
+
+# --------------------------------------------------------------------------------------------
+# One layer, as pure functions (``params`` = one layer's block parameters plus its memory ones).
+
+
+def memory_kv(w_kvmem_Dx2C: jax.Array, mem_BxNxD: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """The memory's key/value contribution m @ W_kvmem: BxNx2C (keys then values, float32)."""
+    return _matmul(mem_BxNxD, w_kvmem_Dx2C, spec.dtype)
+
+
+def inject(params: Params, x_BxNxD: jax.Array, mem_BxNxD: jax.Array) -> jax.Array:
+    """ResidualInjection x + gamma * m (x unchanged when the layer has no gamma)."""
+    if "gamma" not in params:
+        return x_BxNxD
+    gamma = params["gamma"].astype(x_BxNxD.dtype)
+    return x_BxNxD + gamma * mem_BxNxD.astype(x_BxNxD.dtype)
+
+
+def lrt_qkv(
+    params: Params,
+    x_BxNxD: jax.Array,
+    kv_mem_BxNx2C: jax.Array | None,
+    pos_N: jax.Array,
+    spec: AttentionSpec,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q, k, v) of the (injected) layer input with the memory's K/V mixed in through the gates.
+
+    ``kv_mem`` None (no KVProjection): the baseline's ``pre_attention``. The mix happens before
+    LN_k and RoPE; queries get no memory term.
+    """
+    if kv_mem_BxNx2C is None:
+        return pre_attention(params, x_BxNxD, pos_N, spec)
+    b, n, _ = x_BxNxD.shape
+    g, kd = spec.n_kv_heads, spec.head_dim
+    q = query_projection(params, x_BxNxD, pos_N, spec)
+    u = layer_norm(x_BxNxD, params["attn_norm"], spec.norm_eps)
+    kv_loc = _matmul(u, params["w_kv"], spec.dtype).reshape(b, n, 2, g, kd)
+    gates = 2.0 * jax.nn.sigmoid(_matmul(u, params["w_gate"], spec.dtype))  # BxNx2G
+    g_loc = gates[..., :g].reshape(b, n, 1, g, 1)
+    g_mem = gates[..., g:].reshape(b, n, 1, g, 1)
+    kv_mem = kv_mem_BxNx2C.reshape(b, n, 2, g, kd).astype(kv_loc.dtype)
+    kv = g_loc.astype(kv_loc.dtype) * kv_loc + g_mem.astype(kv_loc.dtype) * kv_mem
+    k = layer_norm(kv[:, :, 0].reshape(b, n, g * kd), params["k_norm"], spec.norm_eps)
+    k = k.astype(spec.dtype).reshape(b, n, g, kd)
+    v = kv[:, :, 1].astype(spec.dtype)
+    if spec.position == "rope":
+        k = apply_rope(k, pos_N, spec.rope_theta)
+    return q, k, v
+
+
+def buffer_attention(
+    q_BxMxHxK: jax.Array,
+    k_BxNxGxK: jax.Array,
+    v_BxNxGxK: jax.Array,
+    q_pos_M: jax.Array,
+    spec: AttentionSpec,
+) -> jax.Array:
+    """Attention of queries at positions ``q_pos`` over a K/V buffer of positions 0..N-1, causal
+    (key position <= query position), with the spec's bias; float32 softmax. BxMxHxK."""
+    b, m, h, kd = q_BxMxHxK.shape
+    n = k_BxNxGxK.shape[1]
+    acc = jnp.float64 if q_BxMxHxK.dtype == jnp.float64 else jnp.float32
+    q = group_queries(q_BxMxHxK, spec)
+    logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxNxGxK, preferred_element_type=acc)
+    k_pos = jnp.arange(n)
+    bias = attention_bias(q_pos_M, k_pos, spec)
+    if bias is not None:
+        logits = logits + bias.reshape(spec.n_kv_heads, spec.group_size, m, n).astype(acc)
+    logits = jnp.where(q_pos_M[:, None] >= k_pos[None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxNxGxK.dtype)
+    att = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxNxGxK, preferred_element_type=acc)
+    return att.reshape(b, m, h, kd).astype(spec.dtype)
+
+
+def lrt_layer(
+    params: Params, x_BxNxD: jax.Array, mem_BxNxD: jax.Array, spec: AttentionSpec
+) -> jax.Array:
+    """One LRT layer over a whole sequence given each position's memory (BxNxD). Returns BxNxD.
+
+    ``params`` holds the block parameters plus this layer's ``gamma``, ``w_gate`` and ``w_kvmem``
+    (the shared matrix for ``memory="shared"``), as present. Zero memory with the gates at init
+    gives ``transformer_layer`` exactly.
+    """
+    pos_N = jnp.arange(x_BxNxD.shape[1])
+    kv_mem = memory_kv(params["w_kvmem"], mem_BxNxD, spec) if "w_kvmem" in params else None
+    x = inject(params, x_BxNxD, mem_BxNxD)
+    q, k, v = lrt_qkv(params, x, kv_mem, pos_N, spec)
+    return post_attention(params, x, causal_attention(q, k, v, spec), spec)
+
+
+# --------------------------------------------------------------------------------------------
+# The stack of layers, shared by every way of running the model.
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+"""(q, k, v, this layer's buffers) -> (attention output BxNxHxK, this layer's scan output)."""
+
+
+def _run_layers(
+    params: PyTree,
+    x_BxNxD: jax.Array,
+    mem_BxNxD: jax.Array,
+    pos_N: jax.Array,
+    config: ModelConfig,
+    attend: Attend,
+    layer_buffers: Any,
+) -> tuple[jax.Array, jax.Array, Any]:
+    """All layers over the positions ``pos_N`` given their memory: (x_L, source state, outputs).
+
+    The source state is LN_f(x_L) (``memory_layer=-1``) or the output of layer ``memory_layer``;
+    ``layer_buffers`` (leading layer axis, or None) are scanned alongside the layers and handed to
+    ``attend``, whose second result is stacked over layers.
+    """
+    spec = config.attention_spec()
+    memory = params[PARAMS_KEY]
+    per_layer = {k: v for k, v in memory.items() if k != "w_kvmem_shared"}
+    layer_params = {**params["blocks"], **per_layer}
+    shared_kv = None
+    if "w_kvmem_shared" in memory:
+        shared_kv = memory_kv(memory["w_kvmem_shared"], mem_BxNxD, spec)
+    source_layer = config.memory_layer
+
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
+        x, src = carry
+        p, index, buffers = xs
+        kv_mem = shared_kv
+        if "w_kvmem" in p:
+            kv_mem = memory_kv(p["w_kvmem"], mem_BxNxD, spec)
+        x = inject(p, x, mem_BxNxD)
+        q, k, v = lrt_qkv(p, x, kv_mem, pos_N, spec)
+        att, out = attend(q, k, v, buffers)
+        z = post_attention(p, x, att, spec)
+        if source_layer >= 0:
+            src = jnp.where(index == source_layer, z, src)
+        return (z, src), out
+
+    if config.remat:
+        body = jax.checkpoint(body)
+    src0 = jnp.zeros_like(x_BxNxD) if source_layer >= 0 else jnp.zeros((), x_BxNxD.dtype)
+    xs = (layer_params, jnp.arange(config.n_layers), layer_buffers)
+    (x, src), outs = jax.lax.scan(body, (x_BxNxD, src0), xs)
+    if source_layer < 0:
+        src = layer_norm(x, params["ln_f"], config.norm_eps)
+    return x, src, outs
+
+
+# --------------------------------------------------------------------------------------------
+# The exact model: token by token, with a KV cache and the carried memory.
+
+
+def _token_step(
+    params: PyTree,
+    k_cache_LxBxGxSxK: jax.Array,
+    v_cache_LxBxGxSxK: jax.Array,
+    mem_BxD: jax.Array,
+    x_BxD: jax.Array,
+    tokens_B: jax.Array,
+    pos_B: jax.Array,
+    config: ModelConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One token per row (embedding x, id) at its position: (logits BxE, new k and v LxBxGxK,
+    next memory BxD). The next memory is this token's source state, zeroed when the token is the
+    reset token.
+    """
+    spec = config.attention_spec()
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, caches: tuple) -> tuple[jax.Array, Any]:
+        k_cache, v_cache = caches
+        att = cached_attention(q[0], k_cache, v_cache, k[0], v[0], pos_B, spec)
+        return att[None], (k[0], v[0])
+
+    # The batch plays the role of the position axis, so each row gets its own position.
+    x_1xBxD = x_BxD[None]
+    mem_1xBxD = mem_BxD[None].astype(x_1xBxD.dtype)
+    x, src, (k_new, v_new) = _run_layers(
+        params, x_1xBxD, mem_1xBxD, pos_B, config, attend, (k_cache_LxBxGxSxK, v_cache_LxBxGxSxK)
+    )
+    logits = head(params, x[0], config)
+    keep_B = tokens_B != config.memory_reset_token
+    next_mem = jnp.where(keep_B[:, None], src[0], jnp.zeros_like(src[0]))
+    return logits, k_new, v_new, next_mem
+
+
+def _logits_dtype(config: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(jnp.float64 if config.compute_dtype == "float64" else jnp.float32)
+
+
+def _recurrence(
+    params: PyTree,
+    x_BxPxD: jax.Array,
+    tokens_BxP: jax.Array,
+    lengths_B: jax.Array,
+    cache: KVCache,
+    config: ModelConfig,
+    *,
+    all_logits: bool,
+) -> tuple[KVCache, jax.Array, jax.Array | None]:
+    """The prompts (embeddings and ids, right-padded: row b valid below lengths_B[b]) token by
+    token from an empty cache: (cache, logits of each row's last prompt token BxE, all logits
+    PxBxE or None)."""
+    b, p = tokens_BxP.shape
+
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array | None]:
+        k, v, mem, last = carry
+        t, x_BxD, tokens_B = xs
+        pos_B = jnp.full((b,), t, jnp.int32)
+        logits, k_new, v_new, next_mem = _token_step(
+            params, k, v, mem, x_BxD, tokens_B, pos_B, config
+        )
+        # Padded positions (t >= length) write cache entries that decoding overwrites before
+        # reading them; they must not advance the row's memory.
+        k = write_cache_entries(k, k_new, pos_B)
+        v = write_cache_entries(v, v_new, pos_B)
+        mem = jnp.where((t < lengths_B)[:, None], next_mem.astype(mem.dtype), mem)
+        last = jnp.where((t == lengths_B - 1)[:, None], logits.astype(last.dtype), last)
+        return (k, v, mem, last), (logits if all_logits else None)
+
+    last0 = jnp.zeros((b, config.embedding_size), _logits_dtype(config))
+    xs = (jnp.arange(p, dtype=jnp.int32), jnp.swapaxes(x_BxPxD, 0, 1), tokens_BxP.T)
+    (k, v, mem, last), logits = jax.lax.scan(body, (cache.k, cache.v, cache.memory, last0), xs)
+    return KVCache(k, v, lengths_B.astype(jnp.int32), mem), last, logits
+
+
+def forward(params: PyTree, tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
+    """Exact logits (B, N, embedding_size): the true recurrence, token by token."""
+    return forward_embedded(params, embed(params, tokens_BxN), tokens_BxN, config)
+
+
+def forward_embedded(
+    params: PyTree, x_BxNxD: jax.Array, tokens_BxN: jax.Array, config: ModelConfig
+) -> jax.Array:
+    """``forward`` from the token embeddings x (the ids only locate memory resets)."""
+    b, n = tokens_BxN.shape
+    cache = init_cache(config, b, n)
+    cache = KVCache(cache.k, cache.v, cache.lengths, cache.memory.astype(x_BxNxD.dtype))
+    lengths = jnp.full((b,), n, jnp.int32)
+    _, _, logits_NxBxE = _recurrence(
+        params, x_BxNxD, tokens_BxN, lengths, cache, config, all_logits=True
+    )
+    return jnp.swapaxes(logits_NxBxE, 0, 1)
+
+
+def prefill(
+    params: PyTree,
+    tokens_BxP: jax.Array,
+    lengths_B: jax.Array,
+    config: ModelConfig,
+    cache_size: int,
+) -> tuple[jax.Array, KVCache]:
+    """Logits of each row's last prompt token (BxE) and the cache, by the exact recurrence."""
+    cache = init_cache(config, tokens_BxP.shape[0], cache_size)
+    x = embed(params, tokens_BxP)
+    cache, last, _ = _recurrence(params, x, tokens_BxP, lengths_B, cache, config, all_logits=False)
+    return last, cache
+
+
+def decode_step(
+    params: PyTree, cache: KVCache, tokens_B: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """One token per row at its next position: logits (BxE) and the updated cache and memory."""
+    pos_B = cache.lengths
+    logits, k_new, v_new, next_mem = _token_step(
+        params, cache.k, cache.v, cache.memory, embed(params, tokens_B), tokens_B, pos_B, config
+    )
+    return logits, KVCache(
+        write_cache_entries(cache.k, k_new, pos_B),
+        write_cache_entries(cache.v, v_new, pos_B),
+        pos_B + 1,
+        next_mem.astype(cache.memory.dtype),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training: the parallel passes.
+
+
+def memory_keep(tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
+    """BxN booleans: position t has a memory (t > 0 and token t-1 is not the reset token)."""
+    n = tokens_BxN.shape[1]
+    prev = jnp.concatenate([tokens_BxN[:, :1], tokens_BxN[:, :-1]], axis=1)
+    return (jnp.arange(n)[None, :] > 0) & (prev != config.memory_reset_token)
+
+
+def shifted_memory(src_BxNxD: jax.Array, keep_BxN: jax.Array) -> jax.Array:
+    """Memory of every position: the source state of the previous position, zero where not kept."""
+    shifted = jnp.concatenate([jnp.zeros_like(src_BxNxD[:, :1]), src_BxNxD[:, :-1]], axis=1)
+    return jnp.where(keep_BxN[..., None], shifted, jnp.zeros_like(shifted))
+
+
+def check_seq_len(config: ModelConfig, seq_len: int) -> None:
+    """ValueError unless interleaved training can split ``seq_len`` into memory_passes subsets."""
+    if config.memory_training == "interleaved" and seq_len % config.memory_passes:
+        raise ValueError(
+            f"LRT interleaved training splits the sequence into memory_passes="
+            f"{config.memory_passes} strided subsets, but seq_len={seq_len} is not divisible by "
+            "it: change data.seq_len or model.memory_passes"
+        )
+
+
+def parallel_passes(
+    params: PyTree, inputs_BxN: jax.Array, config: ModelConfig
+) -> list[tuple[slice, jax.Array]]:
+    """The training-time passes in order: (positions covered, their logits BxMxE) for each.
+
+    Pass 0 is the full sequence with zero memory. Interleaved: then subset s (positions
+    s::S) for s = 0..S-1 with the latest memory, their fresh K/V written into pass 0's buffer.
+    Refine: then K full passes with the previous pass's shifted source states.
+    """
+    return parallel_passes_embedded(params, embed(params, inputs_BxN), inputs_BxN, config)
+
+
+def parallel_passes_embedded(
+    params: PyTree, x0_BxNxD: jax.Array, inputs_BxN: jax.Array, config: ModelConfig
+) -> list[tuple[slice, jax.Array]]:
+    """``parallel_passes`` from the token embeddings (the ids only locate memory resets)."""
+    b, n = inputs_BxN.shape
+    check_seq_len(config, n)
+    spec = config.attention_spec()
+    keep = memory_keep(inputs_BxN, config)
+    x0 = x0_BxNxD
+    pos = jnp.arange(n)
+
+    def full_attend(q: jax.Array, k: jax.Array, v: jax.Array, _: Any) -> tuple[jax.Array, Any]:
+        return causal_attention(q, k, v, spec), (k, v)
+
+    x, src, (k_buf, v_buf) = _run_layers(
+        params, x0, jnp.zeros_like(x0), pos, config, full_attend, None
+    )
+    passes = [(slice(None), head(params, x, config))]
+    if config.memory_training == "refine":
+        for _ in range(config.memory_passes):
+            mem = shifted_memory(src, keep)
+            x, src, _ = _run_layers(params, x0, mem, pos, config, full_attend, None)
+            passes.append((slice(None), head(params, x, config)))
+        return passes
+    n_subsets = config.memory_passes
+    for s in range(n_subsets):
+        sub = slice(s, None, n_subsets)
+        pos_sub = pos[sub]
+
+        def subset_attend(
+            q: jax.Array, k: jax.Array, v: jax.Array, buffers: tuple, sub: slice = sub
+        ) -> tuple[jax.Array, Any]:
+            k_l, v_l = buffers
+            k_l = k_l.at[:, sub].set(k.astype(k_l.dtype))
+            v_l = v_l.at[:, sub].set(v.astype(v_l.dtype))
+            return buffer_attention(q, k_l, v_l, pos[sub], spec), (k_l, v_l)
+
+        mem = shifted_memory(src, keep)[:, sub]
+        x_sub, src_sub, (k_buf, v_buf) = _run_layers(
+            params, x0[:, sub], mem, pos_sub, config, subset_attend, (k_buf, v_buf)
+        )
+        src = src.at[:, sub].set(src_sub)
+        passes.append((sub, head(params, x_sub, config)))
+    return passes
+
+
+def parallel_logits(params: PyTree, inputs_BxN: jax.Array, config: ModelConfig) -> jax.Array:
+    """The training-time approximation's logits (BxNxE): each position from the last pass that
+    computed it (the reference's "merged" score)."""
+    passes = parallel_passes(params, inputs_BxN, config)
+    logits = passes[0][1]
+    for sub, pass_logits in passes[1:]:
+        logits = logits.at[:, sub].set(pass_logits)
+    return logits
+
+
+def loss_sums(
+    params: PyTree, inputs_BxN: jax.Array, targets_BxN: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """(CE sum, squared-log-partition sum) of the mean over passes of each pass's mean, on the
+    scale of B*N tokens."""
+    b, n = inputs_BxN.shape
+    passes = parallel_passes(params, inputs_BxN, config)
+    ce_mean, z_mean = 0.0, 0.0
+    for sub, logits in passes:
+        ce, z = cross_entropy_sums(logits, targets_BxN[:, sub], config.vocab_size)
+        count = b * logits.shape[1]
+        ce_mean, z_mean = ce_mean + ce / count, z_mean + z / count
+    scale = b * n / len(passes)
+    return ce_mean * scale, z_mean * scale
+
+
+def eval_sums(
+    params: PyTree, inputs_BxN: jax.Array, targets_BxN: jax.Array, config: ModelConfig
+) -> dict[str, jax.Array]:
+    """``ce_sum`` of the exact recurrence and ``ce_sum_parallel`` of the training-time passes
+    (each position scored by the last pass that computed it)."""
+    exact = forward(params, inputs_BxN, config)
+    merged = parallel_logits(params, inputs_BxN, config)
+    return {
+        "ce_sum": cross_entropy_sums(exact, targets_BxN, config.vocab_size)[0],
+        "ce_sum_parallel": cross_entropy_sums(merged, targets_BxN, config.vocab_size)[0],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs (the conventions of rt_jax.train.flops: matmuls only, model FLOPs, causal attention).
+
+
+def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the memory pathway: the gates of every layer and the memory's
+    K/V projection (once per token when shared, once per layer when layerwise)."""
+    if not uses_kv(config):
+        return 0.0
+    d, kv_dim = config.d_model, config.n_kv_heads * config.head_dim
+    gates = config.n_layers * 2.0 * d * 2 * config.n_kv_heads
+    projections = 1 if config.memory == "shared" else config.n_layers
+    return gates + projections * 2.0 * d * 2 * kv_dim
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token over all passes: interleaved = 2 forwards (pass 0, then the S
+    subsets that together recompute every position once, each query attending causally to the
+    whole buffer), refine = 1 + K forwards; each times 3 for forward + backward."""
+    from rt_jax.train.flops import TRAIN_FACTOR, forward_flops_per_token
+
+    check_seq_len(config, seq_len)
+    passes = 2 if config.memory_training == "interleaved" else 1 + config.memory_passes
+    return TRAIN_FACTOR * passes * forward_flops_per_token(config, seq_len)
