@@ -26,6 +26,15 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^blocks/w_ff_in$", ("layers", "embed", "mlp")),
     (r"^blocks/w_ff_out$", ("layers", "mlp", "embed")),
     (r"^blocks/\w+_norm$", ("layers", "norm")),
+    # LRT memory pathway (rt_jax.models.lrt): per-layer gamma and gates, the memory K/V projection.
+    (r"^lrt/gamma$", ("layers",)),
+    (r"^lrt/w_gate$", ("layers", "embed", None)),
+    (r"^lrt/w_kvmem$", ("layers", "embed", "heads")),
+    (r"^lrt/w_kvmem_shared$", ("embed", "heads")),
+    # MeSH routers (rt_jax.models.recursive): (Nloop+1, D, S) weights, (Nloop+1, S) biases. Tiny
+    # (61k for the paper's 1.4B), so replicated.
+    (r"^routers/w_(write|read)$", ("layers", None, None)),
+    (r"^routers/b_(write|read)$", ("layers", None)),
 )
 
 # Logical axis -> mesh axis (None = replicated). Columns of w_q/w_kv/w_ff_in and rows of
