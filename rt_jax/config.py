@@ -119,6 +119,12 @@ class ModelConfig:
                 "ModelConfig: an LRT memory (memory != 'none') and a recursive loop layout "
                 f"(loop={self.loop!r}) cannot be combined: set one of them"
             )
+        if not self.loop and (self.handoff != "base" or self.embed_scale or self.mesh_slots):
+            raise ValueError(
+                f"ModelConfig: handoff={self.handoff!r}, embed_scale={self.embed_scale} and "
+                f"mesh_slots={self.mesh_slots} only apply to recursive models: set loop (e.g. "
+                "'2+4R2+2') or leave them at their defaults ('base', false, None)"
+            )
         if self.memory != "none":
             from rt_jax.models import lrt
 

@@ -1,0 +1,458 @@
+"""Recursive (looped) language models ``Lpre+LcoreRNloop+Lcoda`` and MeSH hand-offs (issue 8).
+
+A recursive model runs a prelude of ``Lpre`` layers, then a core of ``Lcore`` layers whose weights
+are shared across ``Nloop`` iterations, then a coda of ``Lcoda`` layers; its compute depth is
+``Lpre + Nloop * Lcore + Lcoda``. ``config.n_layers = Lpre + Lcore + Lcoda`` distinct layers are
+stored stacked in ``params["blocks"]`` (prelude rows, then core rows, then coda rows), so the
+standard sharding rules and parameter counts apply. Either block type works
+(``lm.layer_function``): Transformer, or Recurrent Transformer blocks (the untried option).
+
+Hand-offs between core iterations (MeSH paper, Eq. 1), with h^(0) = f_pre(e), e the embeddings:
+
+    base        h^(t+1) = f(h^(t))
+    residual    h^(t+1) = f(h^(t)) + h^(t)
+    anchor      h^(t+1) = f(h^(t)) + h^(0)
+    anchor-emb  h^(t+1) = f(h^(t)) + e
+    mesh        a buffer M of S slots (S = mesh_slots or Nloop + 3): M_0 = e, M_s>0 = 0. A
+                transitional write/read router pair on h_pre = f_pre(e) gives h^(0); then per step
+                t a pair computed from the step input h^(t):
+                    w_w, w_r = softmax(h^(t) W_w + b_w), softmax(h^(t) W_r + b_r)   (per token, S)
+                    M_s += w_w,s * f(h^(t));   h^(t+1) = sum_s w_r,s * M_s     (updated buffer)
+                h^(Nloop) (the last step's read) feeds the coda.
+
+Routers live under ``params["routers"]``: ``w_write``/``w_read`` (Nloop+1, D, S) and
+``b_write``/``b_read`` (Nloop+1, S); index 0 is the transitional pair. Every hand-off is
+position-wise, so decoding keeps one KV cache per unrolled layer (``config.cache_layers`` =
+compute depth) and rebuilds the buffer per token (it is never cached). Design notes, the one-hot
+emulation argument and the init choices are in ``docs/mesh.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rt_jax.config import ModelConfig
+from rt_jax.models import lm
+from rt_jax.ops.decode import decode_layer, prefill_layer
+
+PyTree = Any
+SegmentFn = Callable[[jax.Array, PyTree, PyTree], tuple[jax.Array, PyTree]]
+"""(h, stacked block params of a run of layers, per-layer inputs or None) -> (h, per-layer outputs)."""
+
+_LAYOUT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*R\s*(\d+)\s*\+\s*(\d+)\s*$")
+_EXAMPLE = "e.g. loop='2+4R2+2' (2 prelude layers, 4 core layers looped twice, 2 coda layers)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopLayout:
+    """A parsed ``Lpre+LcoreRNloop+Lcoda`` layout."""
+
+    prelude: int
+    core: int
+    n_loop: int
+    coda: int
+
+    @property
+    def distinct_layers(self) -> int:
+        """Layers with their own weights: Lpre + Lcore + Lcoda."""
+        return self.prelude + self.core + self.coda
+
+    @property
+    def depth(self) -> int:
+        """Layers in the unrolled graph: Lpre + Nloop * Lcore + Lcoda."""
+        return self.prelude + self.n_loop * self.core + self.coda
+
+    def unrolled_layers(self) -> tuple[int, ...]:
+        """Index into the stored blocks of every unrolled layer, in execution order."""
+        pre = tuple(range(self.prelude))
+        core = tuple(range(self.prelude, self.prelude + self.core)) * self.n_loop
+        coda = tuple(range(self.prelude + self.core, self.distinct_layers))
+        return pre + core + coda
+
+
+def parse_layout(text: str) -> LoopLayout:
+    """Parse ``"Lpre+LcoreRNloop+Lcoda"``; ValueError with an example on a bad string."""
+    match = _LAYOUT.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"loop layout {text!r} is not 'Lpre+LcoreRNloop+Lcoda': {_EXAMPLE}")
+    pre, core, n_loop, coda = (int(g) for g in match.groups())
+    if core < 1 or n_loop < 1:
+        raise ValueError(
+            f"loop layout {text!r} needs at least one core layer and one loop iteration: {_EXAMPLE}"
+        )
+    return LoopLayout(pre, core, n_loop, coda)
+
+
+def layout(config: ModelConfig) -> LoopLayout:
+    """The loop layout of a recursive config."""
+    return parse_layout(config.loop)
+
+
+def compute_depth(config: ModelConfig) -> int:
+    """Unrolled depth Lpre + Nloop * Lcore + Lcoda (the number of KV-cached layers)."""
+    return layout(config).depth
+
+
+def n_slots(config: ModelConfig) -> int:
+    """MeSH buffer slots S: ``config.mesh_slots``, or Nloop + 3 (the paper's rule)."""
+    return config.mesh_slots if config.mesh_slots is not None else layout(config).n_loop + 3
+
+
+def router_params(d_model: int, n_loop: int, slots: int) -> int:
+    """MeSH router parameters: (Nloop+1) write/read pairs of a D->S linear layer with bias."""
+    return (n_loop + 1) * d_model * slots * 2 + 2 * (n_loop + 1) * slots
+
+
+def validate(config: ModelConfig) -> None:
+    """Raise ValueError unless the loop layout, n_layers and MeSH settings fit together."""
+    lay = layout(config)
+    if config.n_layers != lay.distinct_layers:
+        raise ValueError(
+            f"ModelConfig.n_layers={config.n_layers} but loop={config.loop!r} has "
+            f"{lay.prelude}+{lay.core}+{lay.coda} = {lay.distinct_layers} distinct layers: set "
+            f"n_layers={lay.distinct_layers} (n_layers counts stored layers, {_EXAMPLE})"
+        )
+    slots = config.mesh_slots
+    if slots is not None:
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
+            raise ValueError(f"ModelConfig.mesh_slots={slots!r}: use an int >= 2 (or None)")
+        if config.handoff != "mesh":
+            raise ValueError(
+                f"ModelConfig.mesh_slots={slots} only applies to handoff='mesh' "
+                f"(handoff={config.handoff!r}): leave it None"
+            )
+
+
+def extra_params(config: ModelConfig) -> int:
+    """Parameters beyond the stored blocks, norm, embedding and head: MeSH routers (else 0)."""
+    if config.handoff != "mesh":
+        return 0
+    return router_params(config.d_model, layout(config).n_loop, n_slots(config))
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
+    """Random parameters: the standard init with depth-aware output projections, plus routers.
+
+    w_o and w_ff_out of every stored layer get std 1/sqrt(2 * fan_in * compute_depth) (the
+    paper's 1/sqrt(2 N_compute) rule on our 1/sqrt(fan_in) base) instead of the standard
+    per-layer 1/sqrt(2 fan_in (l+1)). MeSH routers: truncated normal, std sqrt(2/(S*D)), zero bias.
+    """
+    k_std, k_write, k_read = jax.random.split(key, 3)
+    params = lm.init_standard_params(config, k_std)
+    depth = compute_depth(config)
+    # The standard init drew w_o, w_ff_out with std c/sqrt(l+1); rescale them to c/sqrt(depth).
+    rescale = jnp.sqrt(jnp.arange(1, config.n_layers + 1, dtype=jnp.float32) / depth)
+    blocks = dict(params["blocks"])
+    for name in ("w_o", "w_ff_out"):
+        blocks[name] = blocks[name] * rescale[:, None, None]
+    params["blocks"] = blocks
+    if config.handoff == "mesh":
+        d, s, pairs = config.d_model, n_slots(config), layout(config).n_loop + 1
+        std = math.sqrt(2.0 / (s * d))
+
+        def draw(k: jax.Array) -> jax.Array:
+            return std * jax.random.truncated_normal(k, -3.0, 3.0, (pairs, d, s), jnp.float32)
+
+        params["routers"] = {
+            "w_write": draw(k_write),
+            "b_write": jnp.zeros((pairs, s), jnp.float32),
+            "w_read": draw(k_read),
+            "b_read": jnp.zeros((pairs, s), jnp.float32),
+        }
+    return params
+
+
+def embed_inputs(params: PyTree, tokens: jax.Array, config: ModelConfig) -> jax.Array:
+    """Token embeddings e (times sqrt(D) when ``config.embed_scale``): prelude input and M_0."""
+    x = lm.embed(params, tokens)
+    return x * math.sqrt(config.d_model) if config.embed_scale else x
+
+
+def route(routers: PyTree, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Write and read weights (..., S) of one router pair: softmax over slots of h W + b."""
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+
+    def one(w: jax.Array, b: jax.Array) -> jax.Array:
+        logits = jnp.einsum("...d,ds->...s", h.astype(acc), w.astype(acc)) + b.astype(acc)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return one(routers["w_write"], routers["b_write"]), one(routers["w_read"], routers["b_read"])
+
+
+def write_read(
+    buffer_Sx: jax.Array, value: jax.Array, w_write: jax.Array, w_read: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """MeSH buffer update M_s += w_write,s * value, then the read sum_s w_read,s * M_s."""
+    buffer_Sx = buffer_Sx + jnp.moveaxis(w_write, -1, 0)[..., None] * value[None]
+    return buffer_Sx, jnp.sum(jnp.moveaxis(w_read, -1, 0)[..., None] * buffer_Sx, axis=0)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["states", "core_outputs", "write", "read"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class LoopTrace:
+    """What happened inside the loop: states h^(0..Nloop) (T+1, ...), core outputs f(h^(t))
+    (T, ...), and for MeSH the router weights (T+1, ..., S), index 0 the transitional pair."""
+
+    states: jax.Array
+    core_outputs: jax.Array
+    write: jax.Array | None
+    read: jax.Array | None
+
+
+def _take(tree: PyTree, start: int, stop: int) -> PyTree:
+    return jax.tree.map(lambda a: a[start:stop], tree)
+
+
+def recursive_hidden(
+    params: PyTree,
+    x_emb: jax.Array,
+    config: ModelConfig,
+    run_segment: SegmentFn,
+    xs: PyTree = None,
+    *,
+    trace: bool = False,
+) -> tuple[jax.Array, PyTree, LoopTrace | None]:
+    """Final hidden state (before ``ln_f``), per-unrolled-layer outputs and an optional trace.
+
+    ``x_emb`` is (..., D) (B x N x D for a forward, B x D for a decode step); ``run_segment`` runs
+    a stack of layers; ``xs`` holds per-unrolled-layer inputs (leading axis = compute depth, e.g.
+    KV caches) or None. The outputs of ``run_segment`` are concatenated in unrolled order.
+    """
+    lay = layout(config)
+    p, c, n_loop = lay.prelude, lay.core, lay.n_loop
+    blocks = params["blocks"]
+    core_blocks = _take(blocks, p, p + c)
+    ys: list[PyTree] = []
+    h = x_emb
+    if p:
+        h, y = run_segment(h, _take(blocks, 0, p), _take(xs, 0, p))
+        ys.append(y)
+    mesh = config.handoff == "mesh"
+    buffer, write0, read0, step_routers = None, None, None, None
+    if mesh:
+        routers = params["routers"]
+        buffer = jnp.zeros((n_slots(config), *x_emb.shape), h.dtype).at[0].set(x_emb)
+        write0, read0 = route(jax.tree.map(lambda a: a[0], routers), h)  # on f_pre(e)
+        buffer, h = write_read(buffer, h, write0, read0)
+        step_routers = _take(routers, 1, n_loop + 1)
+    h0 = h
+    xs_core = jax.tree.map(lambda a: a[p : p + n_loop * c].reshape(n_loop, c, *a.shape[1:]), xs)
+
+    def step(carry: tuple, inputs: tuple) -> tuple[tuple, tuple]:
+        h, buffer = carry
+        routers_t, xs_t = inputs
+        out, y = run_segment(h, core_blocks, xs_t)
+        w_w = w_r = None
+        if mesh:
+            w_w, w_r = route(routers_t, h)  # from the step input h^(t)
+            buffer, h_next = write_read(buffer, out, w_w, w_r)
+        elif config.handoff == "base":
+            h_next = out
+        elif config.handoff == "residual":
+            h_next = out + h
+        elif config.handoff == "anchor":
+            h_next = out + h0
+        else:  # anchor-emb
+            h_next = out + x_emb
+        seen = (h_next, out, w_w, w_r) if trace else None
+        return (h_next, buffer), (y, seen)
+
+    (h, _), (y_core, seen) = jax.lax.scan(step, (h, buffer), (step_routers, xs_core), length=n_loop)
+    ys.append(jax.tree.map(lambda a: a.reshape(n_loop * c, *a.shape[2:]), y_core))
+    if lay.coda:
+        coda_blocks = _take(blocks, p + c, lay.distinct_layers)
+        h, y = run_segment(h, coda_blocks, _take(xs, lay.depth - lay.coda, lay.depth))
+        ys.append(y)
+    outputs = None
+    if jax.tree.leaves(ys):
+        outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *ys)
+    loop_trace = None
+    if trace:
+        states, core_out, w_w, w_r = seen
+        stack = lambda first, rest: jnp.concatenate([first[None], rest], axis=0)  # noqa: E731
+        loop_trace = LoopTrace(
+            states=stack(h0, states),
+            core_outputs=core_out,
+            write=stack(write0, w_w) if mesh else None,
+            read=stack(read0, w_r) if mesh else None,
+        )
+    return h, outputs, loop_trace
+
+
+def _layer_fn(config: ModelConfig) -> Callable:
+    fn = lm.layer_function(config)
+    return jax.checkpoint(fn, static_argnums=(2,)) if config.remat else fn
+
+
+def forward_segment(config: ModelConfig) -> SegmentFn:
+    """A ``SegmentFn`` that scans plain layers over B x N x D states (no per-layer outputs)."""
+    fn, spec = _layer_fn(config), config.attention_spec()
+
+    def run(h: jax.Array, blocks: PyTree, xs: PyTree) -> tuple[jax.Array, None]:
+        del xs
+
+        def body(x: jax.Array, layer_params: PyTree) -> tuple[jax.Array, None]:
+            return fn(layer_params, x, spec), None
+
+        return jax.lax.scan(body, h, blocks)[0], None
+
+    return run
+
+
+def forward_hidden(
+    params: PyTree, tokens_BxN: jax.Array, config: ModelConfig, *, trace: bool = False
+) -> tuple[jax.Array, LoopTrace | None]:
+    """Final hidden states B x N x D (before ``ln_f``) and, if asked, the loop trace."""
+    x = embed_inputs(params, tokens_BxN, config)
+    h, _, loop_trace = recursive_hidden(params, x, config, forward_segment(config), trace=trace)
+    return h, loop_trace
+
+
+def forward(params: PyTree, tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
+    """Logits (B, N, embedding_size), float32, of the recursive model."""
+    return lm.head(params, forward_hidden(params, tokens_BxN, config)[0], config)
+
+
+def prefill(
+    params: PyTree,
+    tokens_BxP: jax.Array,
+    lengths_B: jax.Array,
+    config: ModelConfig,
+    cache_size: int,
+) -> tuple[jax.Array, Any]:
+    """Logits (B, E) of each row's last prompt token and a KV cache with one layer per unrolled
+    layer (right-padded prompts, see ``rt_jax.decoding``)."""
+    from rt_jax.decoding import KVCache, init_cache
+
+    fn, spec = _layer_fn(config), config.attention_spec()
+    recurrent = config.block_type == "recurrent"
+
+    def run(h: jax.Array, blocks: PyTree, xs: PyTree) -> tuple[jax.Array, PyTree]:
+        def body(x: jax.Array, layer_params: PyTree) -> tuple[jax.Array, tuple]:
+            z, k, v = prefill_layer(layer_params, x, fn, spec, recurrent=recurrent)
+            return z, (k, v)
+
+        return jax.lax.scan(body, h, blocks)
+
+    x = embed_inputs(params, tokens_BxP, config)
+    h_BxPxD, (k, v), _ = recursive_hidden(params, x, config, run)
+    b = tokens_BxP.shape[0]
+    logits = lm.head(params, h_BxPxD[jnp.arange(b), lengths_B - 1], config)
+    cache = init_cache(config, b, cache_size)
+    cache = KVCache(
+        jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, axis=3),
+        jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, axis=3),
+        lengths_B.astype(jnp.int32),
+        cache.memory,
+    )
+    return logits, cache
+
+
+def decode_step(
+    params: PyTree, cache: Any, tokens_B: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, Any]:
+    """One token per row at its next position through every unrolled layer: logits (B, E), cache.
+
+    The MeSH buffer of the new token is rebuilt inside the step (it is per token, never cached).
+    """
+    from rt_jax.decoding import KVCache, write_cache_entries
+
+    spec = config.attention_spec()
+    recurrent = config.block_type == "recurrent"
+    pos_B = cache.lengths
+
+    def run(h: jax.Array, blocks: PyTree, xs: PyTree) -> tuple[jax.Array, PyTree]:
+        def body(x: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
+            layer_params, k_l, v_l = layer
+            z, k_new, v_new = decode_layer(
+                layer_params, x, k_l, v_l, pos_B, spec, recurrent=recurrent
+            )
+            return z, (k_new, v_new)
+
+        return jax.lax.scan(body, h, (blocks, *xs))
+
+    x = embed_inputs(params, tokens_B, config)
+    h_BxD, (k_new, v_new), _ = recursive_hidden(params, x, config, run, (cache.k, cache.v))
+    logits = lm.head(params, h_BxD, config)
+    return logits, KVCache(
+        write_cache_entries(cache.k, k_new, pos_B),
+        write_cache_entries(cache.v, v_new, pos_B),
+        pos_B + 1,
+        cache.memory,
+    )
+
+
+def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Router matmul FLOPs per token (2 * D * S per router, 2 routers per pair); 0 without MeSH."""
+    del seq_len
+    if config.handoff != "mesh":
+        return 0.0
+    return float(2 * 2 * (layout(config).n_loop + 1) * config.d_model * n_slots(config))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts in the paper's own parameterisation (GPT-NeoX / Pythia).
+
+
+def pythia_layer_params(d_model: int) -> int:
+    """One GPT-NeoX layer with a 4D MLP: biased QKV, output, MLP in/out, two LayerNorms with bias."""
+    d = d_model
+    return (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + 2 * (2 * d)
+
+
+def pythia_param_counts(
+    d_model: int,
+    vocab: int,
+    vanilla_depth: int,
+    layout: str = "",
+    mesh: bool = False,
+    mesh_slots: int | None = None,
+) -> dict[str, int]:
+    """{"total", "non_embedding", "router", "layers"} of a Pythia model, vanilla or recursive.
+
+    ``layout`` "" = the vanilla model of ``vanilla_depth`` layers; otherwise a loop layout whose
+    compute depth must equal ``vanilla_depth``. ``mesh`` adds routers with ``mesh_slots`` (None =
+    Nloop + 3) slots. Embedding and head are untied, ``vocab`` rows each; one final LayerNorm.
+    """
+    for name, value in (("d_model", d_model), ("vocab", vocab), ("vanilla_depth", vanilla_depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    router = 0
+    if layout:
+        lay = parse_layout(layout)
+        if lay.depth != vanilla_depth:
+            raise ValueError(
+                f"layout {layout!r} has compute depth {lay.depth}, not the vanilla depth "
+                f"{vanilla_depth}: pick a layout with Lpre + Nloop*Lcore + Lcoda = {vanilla_depth}"
+            )
+        layers = lay.distinct_layers
+        if mesh:
+            slots = lay.n_loop + 3 if mesh_slots is None else mesh_slots
+            if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
+                raise ValueError(f"mesh_slots must be an int >= 2 or None, got {mesh_slots!r}")
+            router = router_params(d_model, lay.n_loop, slots)
+        elif mesh_slots is not None:
+            raise ValueError("mesh_slots needs mesh=True")
+    else:
+        if mesh or mesh_slots is not None:
+            raise ValueError("mesh=True needs a loop layout (MeSH routes between core iterations)")
+        layers = vanilla_depth
+    non_embedding = layers * pythia_layer_params(d_model) + 2 * d_model + router
+    return {
+        "total": non_embedding + 2 * vocab * d_model,
+        "non_embedding": non_embedding,
+        "router": router,
+        "layers": layers,
+    }
