@@ -113,7 +113,9 @@ def test_equals_unrolled_copies_and_is_causal(block_type, handoff):
 
     copies = jax.tree.map(lambda a: a[np.array(SMALL_UNROLLED)], params["blocks"])
     flat = {**params, "blocks": copies}
-    plain = dataclasses.replace(cfg, loop="", n_layers=4)  # a standard model of the copies
+    plain = dataclasses.replace(  # a standard model of the copies
+        cfg, loop="", n_layers=4, handoff="base", embed_scale=False, mesh_slots=None
+    )
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def run(params, x_rows):
