@@ -6,6 +6,10 @@ One cell:
 The grid (results/synthetic.{json,md,png}); --quick is CI-sized, --full adds length 512 and tunes
 the learning rate per cell:
     python -m experiments.synthetic --sweep [--quick | --full] [--out-dir results]
+Split over processes or machines, then merged into the same table:
+    python -m experiments.synthetic --sweep --tasks parity,mod5,s5        # -> synthetic_part-....json
+    python -m experiments.synthetic --sweep --tasks recall,fuzzy_recall,noisy_recall,selective_copy,copy
+    python -m experiments.synthetic --sweep --merge results/synthetic_part-*.json
 """
 
 from __future__ import annotations
@@ -124,7 +128,8 @@ def _tune(grid: Grid, base: TaskRun, length: int) -> tuple[float, dict[str, floa
 
 
 def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
-    """Run the grid and write ``synthetic.{json,md,png}`` (``synthetic_<grid>`` for non-default)."""
+    """Run the grid and write ``synthetic.{json,md,png}`` (``synthetic_<grid>`` for non-default;
+    a subset of the grid's tasks writes a part JSON, see ``merge``)."""
     rows, picks = [], {}
     start = time.perf_counter()
     for task in grid.tasks:
@@ -148,7 +153,6 @@ def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
                         f"acc={row['accuracy']:.3f} ({row['seconds_per_step'] * 1e3:.0f} ms/step)",
                         flush=True,
                     )
-    suffix = "" if grid.name == "default" else f"_{grid.name}"
     meta = {
         "grid": dataclasses.asdict(grid),
         "lr_picks": picks,
@@ -159,11 +163,59 @@ def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
         "commit": git_commit(),
         "machine": machine(),
     }
-    _write_atomic(
-        out_dir / f"synthetic{suffix}.json", json.dumps({"meta": meta, "rows": rows}, indent=1)
+    write_results(grid, rows, meta, out_dir, part=grid.tasks != GRIDS[grid.name].tasks)
+    return rows
+
+
+def _stem(grid: Grid, part: bool) -> str:
+    stem = "synthetic" if grid.name == "default" else f"synthetic_{grid.name}"
+    return stem + ("_part-" + "-".join(grid.tasks) if part else "")
+
+
+def write_results(
+    grid: Grid, rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, part: bool
+) -> None:
+    """Write the grid's JSON (and, for a whole grid, Markdown and PNG); a ``--tasks`` subset
+    writes only ``<stem>_part-<tasks>.json``, for ``--merge``."""
+    stem = _stem(grid, part)
+    _write_atomic(out_dir / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if part:
+        return
+    _write_atomic(out_dir / f"{stem}.md", _markdown(grid, rows, meta))
+    _plot(grid, rows, out_dir / f"{stem}.png")
+
+
+def merge(grid: Grid, parts: list[Path], out_dir: Path) -> list[dict[str, Any]]:
+    """Combine part JSONs (``--tasks`` subsets of ``grid`` run in separate processes) into the
+    grid's results; ValueError if a task of the grid is missing or a part ran another grid."""
+    rows: list[dict[str, Any]] = []
+    metas = []
+    mine = json.loads(
+        json.dumps({k: v for k, v in dataclasses.asdict(grid).items() if k != "tasks"})
     )
-    _write_atomic(out_dir / f"synthetic{suffix}.md", _markdown(grid, rows, meta))
-    _plot(grid, rows, out_dir / f"synthetic{suffix}.png")
+    for path in parts:
+        data = json.loads(Path(path).read_text())
+        meta = data["meta"]
+        if {k: v for k, v in meta["grid"].items() if k != "tasks"} != mine:
+            raise ValueError(f"{path} was run with another grid than {grid.name!r}")
+        rows += data["rows"]
+        metas.append(meta)
+    missing = [t for t in grid.tasks if not any(r["task"] == t for r in rows)]
+    if missing:
+        raise ValueError(f"the parts have no rows for {missing}: run them with --tasks")
+    rows.sort(key=lambda r: (grid.tasks.index(r["task"]), r["model"], r["seq_len"], r["seed"]))
+    merged_command = " ".join(["python", "-m", "experiments.synthetic", *sys.argv[1:]])
+    meta = {
+        "grid": dataclasses.asdict(grid),
+        "lr_picks": {k: v for m in metas for k, v in m["lr_picks"].items()},
+        "wall_seconds": max(m["wall_seconds"] for m in metas),
+        "command": "; ".join(m["command"] for m in metas) + f"; then {merged_command}",
+        "commit": ", ".join(dict.fromkeys(m["commit"] for m in metas)),
+        "machine": metas[0]["machine"],
+        "parts": [str(p) for p in parts],
+        "notes": [n for m in metas for n in m.get("notes", [])],
+    }
+    write_results(grid, rows, meta, out_dir, part=False)
     return rows
 
 
@@ -279,9 +331,31 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--quick", action="store_true", help="CI-sized grid")
     size.add_argument("--full", action="store_true", help="the large grid (bigger machines)")
     p.add_argument("--out-dir", type=Path, default=Path("results"))
+    p.add_argument(
+        "--tasks",
+        default="",
+        help="with --sweep: run only these comma-separated tasks of the grid (writes a part JSON "
+        "for --merge; splits a sweep over processes or machines)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="PART_JSON",
+        help="with --sweep: combine part JSONs into the grid's table, plot and JSON",
+    )
     args = p.parse_args(argv)
     if args.sweep:
         grid = GRIDS["quick" if args.quick else "full" if args.full else "default"]
+        if args.merge:
+            merge(grid, args.merge, args.out_dir)
+            return
+        if args.tasks:
+            tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+            unknown = [t for t in tasks if t not in grid.tasks]
+            if unknown:
+                p.error(f"--tasks {unknown} are not in the {grid.name} grid {grid.tasks}")
+            grid = dataclasses.replace(grid, tasks=tasks)
         base = dataclasses.replace(_run(args), batch_size=grid.batch_size)
         sweep(grid, base, args.out_dir)
         return
