@@ -92,3 +92,31 @@ def test_tuning_picks_the_most_accurate_lr(monkeypatch):
     grid = dataclasses.replace(grid, task_steps=(("parity", 6, 3),))
     lr, _ = synthetic._tune(grid, _tiny(), 8)
     assert lr == 1e-3 and seen_steps == [3, 3, 3] and grid.steps_for("parity") == (6, 3)
+
+
+def test_split_sweep_parts_merge_into_one_table(tmp_path, monkeypatch):
+    import experiments.synthetic as synthetic
+
+    def fake(run):
+        acc = 0.9 if run.block_type == "recurrent" else 0.5
+        return {"accuracy": acc, "final_loss": 0.1, "seconds_per_step": 0.01}
+
+    monkeypatch.setattr(synthetic, "train_task", fake)
+    quick = synthetic.GRIDS["quick"]
+    for task in quick.tasks:  # each part is a --tasks subset of the quick grid
+        sweep(dataclasses.replace(quick, tasks=(task,)), _tiny(), tmp_path)
+    parts = sorted(tmp_path.glob("synthetic_quick_part-*.json"))
+    assert [p.name for p in parts] == [
+        "synthetic_quick_part-parity.json",
+        "synthetic_quick_part-recall.json",
+    ]
+    assert not (tmp_path / "synthetic_quick.md").exists()  # parts write no table
+    with pytest.raises(ValueError, match="no rows for"):
+        synthetic.merge(quick, parts[:1], tmp_path)
+    rows = synthetic.merge(quick, parts, tmp_path)
+    assert [r["task"] for r in rows] == ["parity"] * 4 + ["recall"] * 4
+    table = (tmp_path / "synthetic_quick.md").read_text()
+    assert "| parity | recurrent |" in table and "| recall | transformer |" in table
+    assert (tmp_path / "synthetic_quick.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="another grid"):
+        synthetic.merge(synthetic.GRIDS["default"], parts, tmp_path)
