@@ -132,22 +132,48 @@ def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
     a subset of the grid's tasks writes a part JSON, see ``merge``)."""
     rows, picks = [], {}
     start = time.perf_counter()
+    # Finished cells and lr picks are appended to a JSONL log as they complete; a rerun with the
+    # same grid and out_dir resumes from it instead of retraining them.
+    progress = out_dir / f"{_stem(grid, _is_part(grid))}.progress.jsonl"
+    done: dict[tuple, dict[str, Any]] = {}
+    if progress.exists():
+        for line in progress.read_text().splitlines():
+            item = json.loads(line)
+            if "pick" in item:
+                picks[item["pick"]] = item["value"]
+            else:
+                done[(item["task"], item["model"], item["seq_len"], item["seed"])] = item
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(item: dict[str, Any]) -> None:
+        with progress.open("a") as f:
+            f.write(json.dumps(item) + "\n")
+
+    def pick(key: str, cell_base: TaskRun, length: int) -> float:
+        if key not in picks:
+            lr, scores = _tune(grid, cell_base, length)
+            picks[key] = {"lr": lr, "tuning_accuracy": scores}
+            log({"pick": key, "value": picks[key]})
+        return picks[key]["lr"]
+
     for task in grid.tasks:
         for model in MODELS:
             steps, _ = grid.steps_for(task)
             cell_base = dataclasses.replace(base, task=task, block_type=model, steps=steps)
             if not grid.tune_per_cell:
-                lr, scores = _tune(grid, cell_base, grid.tune_length)
-                picks[f"{task}/{model}"] = {"lr": lr, "tuning_accuracy": scores}
+                lr = pick(f"{task}/{model}", cell_base, grid.tune_length)
             for length in grid.lengths:
                 if grid.tune_per_cell:
-                    lr, scores = _tune(grid, cell_base, length)
-                    picks[f"{task}/{model}/{length}"] = {"lr": lr, "tuning_accuracy": scores}
+                    lr = pick(f"{task}/{model}/{length}", cell_base, length)
                 for seed in grid.seeds:
+                    if (task, model, length, seed) in done:
+                        rows.append(done[(task, model, length, seed)])
+                        continue
                     run = dataclasses.replace(cell_base, seq_len=length, seed=seed, lr=lr)
                     result = train_task(run)
                     row = _record(run, result)
                     rows.append(row)
+                    log(row)
                     print(
                         f"{task:15s} {model:12s} N={length:4d} seed={seed} lr={lr:g} "
                         f"acc={row['accuracy']:.3f} ({row['seconds_per_step'] * 1e3:.0f} ms/step)",
@@ -163,8 +189,14 @@ def sweep(grid: Grid, base: TaskRun, out_dir: Path) -> list[dict[str, Any]]:
         "commit": git_commit(),
         "machine": machine(),
     }
-    write_results(grid, rows, meta, out_dir, part=grid.tasks != GRIDS[grid.name].tasks)
+    write_results(grid, rows, meta, out_dir, part=_is_part(grid))
     return rows
+
+
+def _is_part(grid: Grid) -> bool:
+    """Whether ``grid`` runs a ``--tasks`` subset of the named grid."""
+    named = GRIDS.get(grid.name)
+    return named is not None and grid.tasks != named.tasks
 
 
 def _stem(grid: Grid, part: bool) -> str:

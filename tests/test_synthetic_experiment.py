@@ -46,14 +46,14 @@ def test_single_cell_cli_writes_record(tmp_path):
 
 
 def test_sweep_writes_table_plot_and_json(tmp_path):
-    grid = Grid("quick", ("parity",), (8,), (0,), 2, 1, 8, (1e-3,), batch_size=4)
+    grid = Grid("mini", ("parity",), (8,), (0,), 2, 1, 8, (1e-3,), batch_size=4)
     rows = sweep(grid, _tiny(), tmp_path)
     assert {r["model"] for r in rows} == {"transformer", "recurrent"}
-    data = json.loads((tmp_path / "synthetic_quick.json").read_text())
+    data = json.loads((tmp_path / "synthetic_mini.json").read_text())
     assert set(data["meta"]["lr_picks"]) == {"parity/transformer", "parity/recurrent"}
-    table = (tmp_path / "synthetic_quick.md").read_text()
+    table = (tmp_path / "synthetic_mini.md").read_text()
     assert "| parity | recurrent |" in table
-    assert (tmp_path / "synthetic_quick.png").stat().st_size > 1000
+    assert (tmp_path / "synthetic_mini.png").stat().st_size > 1000
 
 
 def test_training_reduces_loss_on_parity_for_rt():
@@ -120,3 +120,21 @@ def test_split_sweep_parts_merge_into_one_table(tmp_path, monkeypatch):
     assert (tmp_path / "synthetic_quick.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="another grid"):
         synthetic.merge(synthetic.GRIDS["default"], parts, tmp_path)
+
+
+def test_sweep_resumes_from_its_progress_log(tmp_path, monkeypatch):
+    import experiments.synthetic as synthetic
+
+    calls = []
+
+    def fake(run):
+        calls.append(run)
+        return {"accuracy": 0.5, "final_loss": 0.1, "seconds_per_step": 0.01}
+
+    monkeypatch.setattr(synthetic, "train_task", fake)
+    grid = Grid("t", ("parity",), (8, 16), (0,), 2, 1, 8, (1e-4, 1e-3))
+    first = sweep(grid, _tiny(), tmp_path)
+    assert len(calls) == 2 * (2 + 2)  # per model: 2 tuning runs + 2 lengths
+    calls.clear()
+    again = sweep(grid, _tiny(), tmp_path)  # everything is in the progress log: no training
+    assert calls == [] and again == first
