@@ -293,6 +293,11 @@ def _markdown(grid: Grid, rows: list[dict[str, Any]], meta: dict[str, Any]) -> s
         f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}, "
         f"{meta['wall_seconds'] / 60:.1f} min).",
         "",
+    ]
+    lines += [f"Note: {note}" for note in meta.get("notes", [])] + (
+        [""] if meta.get("notes") else []
+    )
+    lines += [
         head,
         "|" + "---|" * (4 + len(grid.lengths)),
     ]
