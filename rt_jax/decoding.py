@@ -97,6 +97,23 @@ def write_cache_entries(
     )
 
 
+def prefilled_cache(
+    config: ModelConfig,
+    k_LxBxGxPxK: jax.Array,
+    v_LxBxGxPxK: jax.Array,
+    lengths_B: jax.Array,
+    cache_size: int,
+) -> KVCache:
+    """A cache of ``cache_size`` positions holding the prompt's pairs in positions [0, P)."""
+    cache = init_cache(config, k_LxBxGxPxK.shape[1], cache_size)
+    return KVCache(
+        jax.lax.dynamic_update_slice_in_dim(cache.k, k_LxBxGxPxK.astype(cache.k.dtype), 0, axis=3),
+        jax.lax.dynamic_update_slice_in_dim(cache.v, v_LxBxGxPxK.astype(cache.v.dtype), 0, axis=3),
+        lengths_B.astype(jnp.int32),
+        cache.memory,
+    )
+
+
 def _prefill(
     params: PyTree,
     tokens_BxP: jax.Array,
@@ -119,14 +136,7 @@ def _prefill(
     b, p = tokens_BxP.shape
     last_BxD = x_BxPxD[jnp.arange(b), lengths_B - 1]
     logits = head(params, last_BxD, config)
-    cache = init_cache(config, b, cache_size)
-    cache = KVCache(
-        jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, axis=3),
-        jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, axis=3),
-        lengths_B.astype(jnp.int32),
-        cache.memory,
-    )
-    return logits, cache
+    return logits, prefilled_cache(config, k, v, lengths_B, cache_size)
 
 
 def _decode_step(

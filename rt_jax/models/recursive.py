@@ -334,7 +334,7 @@ def prefill(
 ) -> tuple[jax.Array, Any]:
     """Logits (B, E) of each row's last prompt token and a KV cache with one layer per unrolled
     layer (right-padded prompts, see ``rt_jax.decoding``)."""
-    from rt_jax.decoding import KVCache, init_cache
+    from rt_jax.decoding import prefilled_cache
 
     fn, spec = _layer_fn(config), config.attention_spec()
     recurrent = config.block_type == "recurrent"
@@ -350,14 +350,7 @@ def prefill(
     h_BxPxD, (k, v), _ = recursive_hidden(params, x, config, run)
     b = tokens_BxP.shape[0]
     logits = lm.head(params, h_BxPxD[jnp.arange(b), lengths_B - 1], config)
-    cache = init_cache(config, b, cache_size)
-    cache = KVCache(
-        jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, axis=3),
-        jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, axis=3),
-        lengths_B.astype(jnp.int32),
-        cache.memory,
-    )
-    return logits, cache
+    return logits, prefilled_cache(config, k, v, lengths_B, cache_size)
 
 
 def decode_step(
