@@ -586,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         "lrt-layerwise (default: every point of the preset)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         cfg = apply_overrides(get_preset(args.preset), args.overrides)
