@@ -44,8 +44,6 @@ from rt_jax.ops.block import (
     Params,
     _matmul,
     apply_rope,
-    attention_bias,
-    group_queries,
     layer_norm,
     post_attention,
     pre_attention,
@@ -192,19 +190,7 @@ def buffer_attention(
 ) -> jax.Array:
     """Attention of queries at positions ``q_pos`` over a K/V buffer of positions 0..N-1, causal
     (key position <= query position), with the spec's bias; float32 softmax. BxMxHxK."""
-    b, m, h, kd = q_BxMxHxK.shape
-    n = k_BxNxGxK.shape[1]
-    acc = jnp.float64 if q_BxMxHxK.dtype == jnp.float64 else jnp.float32
-    q = group_queries(q_BxMxHxK, spec)
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxNxGxK, preferred_element_type=acc)
-    k_pos = jnp.arange(n)
-    bias = attention_bias(q_pos_M, k_pos, spec)
-    if bias is not None:
-        logits = logits + bias.reshape(spec.n_kv_heads, spec.group_size, m, n).astype(acc)
-    logits = jnp.where(q_pos_M[:, None] >= k_pos[None, :], logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxNxGxK.dtype)
-    att = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxNxGxK, preferred_element_type=acc)
-    return att.reshape(b, m, h, kd).astype(spec.dtype)
+    return causal_attention(q_BxMxHxK, k_BxNxGxK, v_BxNxGxK, spec, q_pos_M)
 
 
 def lrt_layer(

@@ -16,24 +16,31 @@ from rt_jax.ops.block import (
 
 
 def causal_attention(
-    q_BxNxHxK: jax.Array,
+    q_BxMxHxK: jax.Array,
     k_BxNxGxK: jax.Array,
     v_BxNxGxK: jax.Array,
     spec: AttentionSpec,
+    q_pos_M: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal softmax attention (q already scaled) with the spec's bias; float32 softmax. BxNxHxK."""
-    b, n, h, kd = q_BxNxHxK.shape
-    acc = jnp.float64 if q_BxNxHxK.dtype == jnp.float64 else jnp.float32
-    q = group_queries(q_BxNxHxK, spec)
+    """Causal softmax attention (q already scaled) with the spec's bias; float32 softmax. BxMxHxK.
+
+    Keys sit at positions 0..N-1; queries at ``q_pos_M`` (default 0..N-1, M = N) see keys at
+    positions <= their own.
+    """
+    b, m, h, kd = q_BxMxHxK.shape
+    n = k_BxNxGxK.shape[1]
+    acc = jnp.float64 if q_BxMxHxK.dtype == jnp.float64 else jnp.float32
+    q = group_queries(q_BxMxHxK, spec)
     logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxNxGxK, preferred_element_type=acc)
-    pos = jnp.arange(n)
-    bias = attention_bias(pos, pos, spec)
+    k_pos = jnp.arange(n)
+    q_pos = k_pos if q_pos_M is None else q_pos_M
+    bias = attention_bias(q_pos, k_pos, spec)
     if bias is not None:
-        logits = logits + bias.reshape(spec.n_kv_heads, spec.group_size, n, n).astype(acc)
-    logits = jnp.where(pos[:, None] >= pos[None, :], logits, -jnp.inf)
+        logits = logits + bias.reshape(spec.n_kv_heads, spec.group_size, m, n).astype(acc)
+    logits = jnp.where(q_pos[:, None] >= k_pos[None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxNxGxK.dtype)
     att = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxNxGxK, preferred_element_type=acc)
-    return att.reshape(b, n, h, kd).astype(spec.dtype)
+    return att.reshape(b, m, h, kd).astype(spec.dtype)
 
 
 def transformer_layer(params: Params, x_BxNxD: jax.Array, spec: AttentionSpec) -> jax.Array:
