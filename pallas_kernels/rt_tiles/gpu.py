@@ -1,6 +1,6 @@
 """Triton (Pallas GPU) kernels for one tile of the Fenwick schedule: forward merge and gradients.
 
-Layout as in ``rt_jax.ops.tiles`` (queries B x H x T x K, keys/values B x G x S x K, statistics
+Layout as in ``contract`` (queries B x H x T x K, keys/values B x G x S x K, statistics
 B x H x T). Every program owns ``block_q`` queries (or ``block_k`` keys for dK/dV) of one head and
 streams the other side through a ``fori_loop`` with masked loads, so partial blocks need no padding
 in memory. ALiBi comes from the positions and the head index; GQA maps query head h to kv head
@@ -18,8 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.rt_tiles.config import GpuTileConfig
-from rt_jax.ops.block import AttentionSpec
-from rt_jax.ops.tiles import SoftmaxState
+from pallas_kernels.rt_tiles.contract import TileSpecLike, TileState
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -34,8 +33,8 @@ def _check_head_dim(kd: int) -> None:
         )
 
 
-def _slope(head: jax.Array, spec: AttentionSpec, dtype: jnp.dtype) -> jax.Array:
-    h = (head + 1).astype(jnp.float32)
+def _slope(head: jax.Array, off_ref, spec: TileSpecLike, dtype: jnp.dtype) -> jax.Array:
+    h = (head + off_ref[0] + 1).astype(jnp.float32)
     return jnp.exp2(-h * spec.alibi_bias_max / spec.n_heads).astype(dtype)
 
 
@@ -47,6 +46,7 @@ def _params(config: GpuTileConfig) -> plgpu.CompilerParams:
 
 
 def _merge_kernel(
+    off_ref,
     qpos_ref,
     kpos_ref,
     q_ref,
@@ -59,7 +59,7 @@ def _merge_kernel(
     max_out,
     den_out,
     *,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     n_queries: int,
     n_keys: int,
     block_q: int,
@@ -75,7 +75,7 @@ def _merge_kernel(
     den = plgpu.load(den_ref.at[rows], mask=row_ok, other=0.0)
     alibi = spec.position == "alibi"
     if alibi:
-        slope = _slope(head, spec, acc_dtype)
+        slope = _slope(head, off_ref, spec, acc_dtype)
         qpos = plgpu.load(qpos_ref.at[rows], mask=row_ok, other=0).astype(acc_dtype)
 
     def body(i, carry):
@@ -106,15 +106,16 @@ def merge(
     q_BxHxTxK: jax.Array,
     k_BxGxSxK: jax.Array,
     v_BxGxSxK: jax.Array,
-    state: SoftmaxState,
+    state: tuple[jax.Array, jax.Array, jax.Array],
     q_pos_T: jax.Array,
     k_pos_S: jax.Array,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     *,
     config: GpuTileConfig,
     interpret: bool = False,
-) -> SoftmaxState:
-    """GPU kernel for ``rt_jax.ops.tiles.merge_block`` (same arguments and result)."""
+    head_offset: jax.Array | int = 0,
+) -> TileState:
+    """GPU kernel for ``contract.merge_block`` (same arguments and result)."""
     b, h, t, kd = q_BxHxTxK.shape
     g, s = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
     _check_head_dim(kd)
@@ -136,6 +137,7 @@ def merge(
         kernel,
         grid=(b, h, pl.cdiv(t, config.block_q)),
         in_specs=[
+            pl.BlockSpec((1,), lambda bi, hi, ti: (0,)),
             pl.BlockSpec((t,), lambda bi, hi, ti: (0,)),
             pl.BlockSpec((s,), lambda bi, hi, ti: (0,)),
             q_spec,
@@ -151,21 +153,22 @@ def merge(
             jax.ShapeDtypeStruct((b, h, t), acc_dtype),
             jax.ShapeDtypeStruct((b, h, t), acc_dtype),
         ],
-        input_output_aliases={5: 0, 6: 1, 7: 2},
+        input_output_aliases={6: 0, 7: 1, 8: 2},
         compiler_params=_params(config),
         interpret=interpret,
         name="rt_tile_merge_gpu",
     )(
+        jnp.asarray(head_offset, jnp.int32).reshape(1),
         q_pos_T.astype(jnp.int32),
         k_pos_S.astype(jnp.int32),
         q_BxHxTxK,
         k_BxGxSxK,
         v_BxGxSxK,
-        state.acc.astype(acc_dtype),
-        state.max.astype(acc_dtype),
-        state.den.astype(acc_dtype),
+        state[0].astype(acc_dtype),
+        state[1].astype(acc_dtype),
+        state[2].astype(acc_dtype),
     )
-    return SoftmaxState(acc, mx, den)
+    return TileState(acc, mx, den)
 
 
 # ----------------------------------------------------------------------------- backward grads
@@ -179,6 +182,7 @@ def _probs(q, k, lse, qpos, kpos, row_ok, col_ok, slope, alibi, acc_dtype):
 
 
 def _dkdv_kernel(
+    off_ref,
     qpos_ref,
     kpos_ref,
     q_ref,
@@ -190,7 +194,7 @@ def _dkdv_kernel(
     dk_out,
     dv_out,
     *,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     n_queries: int,
     n_keys: int,
     block_q: int,
@@ -211,7 +215,7 @@ def _dkdv_kernel(
     def body(j, carry):
         dk, dv = carry
         rep, i = lax.div(j, n_q_blocks), lax.rem(j, n_q_blocks)
-        slope = _slope(group * spec.group_size + rep, spec, acc_dtype)
+        slope = _slope(group * spec.group_size + rep, off_ref, spec, acc_dtype)
         rows = pl.ds(i * block_q, block_q)
         row_ok = i * block_q + jnp.arange(block_q) < n_queries
         q = plgpu.load(q_ref.at[rep, rows, :], mask=row_ok[:, None], other=0.0)
@@ -232,6 +236,7 @@ def _dkdv_kernel(
 
 
 def _dq_kernel(
+    off_ref,
     qpos_ref,
     kpos_ref,
     q_ref,
@@ -242,7 +247,7 @@ def _dq_kernel(
     delta_ref,
     dq_out,
     *,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     n_queries: int,
     n_keys: int,
     block_q: int,
@@ -257,7 +262,7 @@ def _dq_kernel(
     lse = plgpu.load(lse_ref.at[rows], mask=row_ok, other=0.0)
     delta = plgpu.load(delta_ref.at[rows], mask=row_ok, other=0.0)
     qpos = plgpu.load(qpos_ref.at[rows], mask=row_ok, other=0).astype(acc_dtype)
-    slope = _slope(head, spec, acc_dtype)
+    slope = _slope(head, off_ref, spec, acc_dtype)
     alibi = spec.position == "alibi"
 
     def body(i, dq):
@@ -284,18 +289,20 @@ def grads(
     delta_BxHxT: jax.Array,
     q_pos_T: jax.Array,
     k_pos_S: jax.Array,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     *,
     config: GpuTileConfig,
     interpret: bool = False,
+    head_offset: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GPU kernels (dK/dV, then dQ) for ``rt_jax.ops.tiles.block_grads`` (same arguments/result)."""
+    """GPU kernels (dK/dV, then dQ) for ``contract.block_grads`` (same arguments and result)."""
     b, h, t, kd = q_BxHxTxK.shape
     g, s = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
     _check_head_dim(kd)
     r = h // g
     acc_dtype = _acc_dtype(q_BxHxTxK.dtype)
     args = (
+        jnp.asarray(head_offset, jnp.int32).reshape(1),
         q_pos_T.astype(jnp.int32),
         k_pos_S.astype(jnp.int32),
         q_BxHxTxK,
@@ -314,6 +321,7 @@ def grads(
         acc_dtype=acc_dtype,
     )
     pos_specs = [
+        pl.BlockSpec((1,), lambda bi, xi, ti: (0,)),
         pl.BlockSpec((t,), lambda bi, xi, ti: (0,)),
         pl.BlockSpec((s,), lambda bi, xi, ti: (0,)),
     ]

@@ -1,5 +1,7 @@
-"""The jnp tile operations the kernels must reproduce (the contract lives in rt_jax.ops.tiles)."""
+"""The jnp tile operations the kernels must reproduce (see ``contract``)."""
 
-from rt_jax.ops.tiles import SoftmaxState, block_grads, merge_block, tile_logits
+from pallas_kernels.rt_tiles.contract import TileState, block_grads, merge_block, tile_logits
 
-__all__ = ["SoftmaxState", "block_grads", "merge_block", "tile_logits"]
+SoftmaxState = TileState  # the name the tests and rt_jax.ops.tiles use for the same state
+
+__all__ = ["SoftmaxState", "TileState", "block_grads", "merge_block", "tile_logits"]

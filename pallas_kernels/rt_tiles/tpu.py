@@ -1,6 +1,6 @@
 """Mosaic TPU kernels for one tile of the Fenwick schedule: forward merge and backward gradients.
 
-Layout (head-major, as in ``rt_jax.ops.tiles``): queries B x H x T x K, keys/values B x G x S x K.
+Layout (head-major, as in ``contract``): queries B x H x T x K, keys/values B x G x S x K.
 Per-query statistics (running max, denominator, lse, delta) travel lane-major as B x H x 1 x T so
 their HBM blocks are dense; the kernels turn them into columns with a small transpose.
 
@@ -24,8 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.rt_tiles.config import TPU_LANES, TpuTileConfig
-from rt_jax.ops.block import AttentionSpec
-from rt_jax.ops.tiles import SoftmaxState
+from pallas_kernels.rt_tiles.contract import TileSpecLike, TileState
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
@@ -50,9 +49,10 @@ def _col_to_row(col_Nx1: jax.Array) -> jax.Array:
     return jnp.transpose(jnp.broadcast_to(col_Nx1, (n, TPU_LANES)))[:1, :]
 
 
-def _alibi_slope(head: jax.Array, spec: AttentionSpec, dtype: jnp.dtype) -> jax.Array:
-    """(1, 1) slope of query head ``head``, as ``alibi_slopes`` computes it."""
-    h = lax.broadcast(head + 1, (1, 1)).astype(jnp.float32)
+def _alibi_slope(head: jax.Array, off_ref, spec: TileSpecLike, dtype: jnp.dtype) -> jax.Array:
+    """(1, 1) slope of local query head ``head`` (global head = head + offset), as
+    ``contract.alibi_slopes`` computes it."""
+    h = (lax.broadcast(head + 1, (1, 1)) + off_ref[...]).astype(jnp.float32)
     return jnp.exp2(-h * spec.alibi_bias_max / spec.n_heads).astype(dtype)
 
 
@@ -78,6 +78,7 @@ class TileGeometry:
 
 
 def _merge_kernel(
+    off_ref,
     qpos_ref,
     kpos_ref,
     q_ref,
@@ -90,7 +91,7 @@ def _merge_kernel(
     max_out,
     den_out,
     *,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     n_keys: int,
     block_k: int,
     acc_dtype: jnp.dtype,
@@ -102,7 +103,7 @@ def _merge_kernel(
     acc = acc_ref[...]
     alibi = spec.position == "alibi"
     if alibi:
-        slope = _alibi_slope(head, spec, acc_dtype)
+        slope = _alibi_slope(head, off_ref, spec, acc_dtype)
         qpos = _row_to_col(qpos_ref[...]).astype(acc_dtype)
 
     def body(i, carry):
@@ -149,7 +150,7 @@ def merge_cost(
 
 
 def _merge_call(
-    q, k, v, acc, mx, den, qpos, kpos, chunk, spec, config, geo, n_keys, interpret
+    off, q, k, v, acc, mx, den, qpos, kpos, chunk, spec, config, geo, n_keys, interpret
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, h, t, kd = q.shape
     g = k.shape[1]
@@ -173,6 +174,7 @@ def _merge_call(
         kernel,
         grid=grid,
         in_specs=[
+            pl.BlockSpec((1, 1), lambda bi, hi, ti: (0, 0)),
             pl.BlockSpec((1, geo.block_q), lambda bi, hi, ti: (0, ti)),
             pl.BlockSpec((1, geo.keys_per_call), lambda bi, hi, ti: (0, chunk)),
             q_spec,
@@ -188,9 +190,10 @@ def _merge_call(
             jax.ShapeDtypeStruct(mx.shape, acc_dtype),
             jax.ShapeDtypeStruct(den.shape, acc_dtype),
         ],
-        input_output_aliases={5: 0, 6: 1, 7: 2},
+        input_output_aliases={6: 0, 7: 1, 8: 2},
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")
+            dimension_semantics=("parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=config.vmem_limit_bytes,
         ),
         cost_estimate=pl.CostEstimate(
             flops=cost.flops // geo.n_calls,
@@ -199,34 +202,38 @@ def _merge_call(
         ),
         interpret=interpret,
         name="rt_tile_merge",
-    )(qpos, kpos, q, k, v, acc, mx, den)
+    )(off, qpos, kpos, q, k, v, acc, mx, den)
 
 
 def merge(
     q_BxHxTxK: jax.Array,
     k_BxGxSxK: jax.Array,
     v_BxGxSxK: jax.Array,
-    state: SoftmaxState,
+    state: tuple[jax.Array, jax.Array, jax.Array],
     q_pos_T: jax.Array,
     k_pos_S: jax.Array,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     *,
     config: TpuTileConfig,
     interpret: bool = False,
-) -> SoftmaxState:
-    """TPU kernel for ``rt_jax.ops.tiles.merge_block`` (same arguments and result)."""
+    head_offset: jax.Array | int = 0,
+) -> TileState:
+    """TPU kernel for ``contract.merge_block`` (same arguments and result)."""
     b, h, t, kd = q_BxHxTxK.shape
     s = k_BxGxSxK.shape[2]
     geo = TileGeometry.of(t, s, config)
     acc_dtype = _acc_dtype(q_BxHxTxK.dtype)
-    acc = state.acc.astype(acc_dtype)
-    mx = state.max.astype(acc_dtype).reshape(b, h, 1, t)
-    den = state.den.astype(acc_dtype).reshape(b, h, 1, t)
+    acc, mx, den = state
+    acc = acc.astype(acc_dtype)
+    mx = mx.astype(acc_dtype).reshape(b, h, 1, t)
+    den = den.astype(acc_dtype).reshape(b, h, 1, t)
+    off = jnp.asarray(head_offset, jnp.int32).reshape(1, 1)
     qpos = q_pos_T.astype(jnp.int32).reshape(1, t)
     kpos = k_pos_S.astype(jnp.int32).reshape(1, s)
     for chunk in range(geo.n_calls):
         n_keys = min(s - chunk * geo.keys_per_call, geo.keys_per_call)
         acc, mx, den = _merge_call(
+            off,
             q_BxHxTxK,
             k_BxGxSxK,
             v_BxGxSxK,
@@ -242,13 +249,14 @@ def merge(
             n_keys,
             interpret,
         )
-    return SoftmaxState(acc, mx.reshape(b, h, t), den.reshape(b, h, t))
+    return TileState(acc, mx.reshape(b, h, t), den.reshape(b, h, t))
 
 
 # ----------------------------------------------------------------------------- backward grads
 
 
 def _grads_kernel(
+    off_ref,
     qpos_ref,
     kpos_ref,
     q_ref,
@@ -261,7 +269,7 @@ def _grads_kernel(
     dk_ref,
     dv_ref,
     *,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     n_queries: int,
     n_keys: int,
     block_q: int,
@@ -285,7 +293,7 @@ def _grads_kernel(
     delta = jnp.where(q_valid, _row_to_col(delta_ref[...]), 0.0).astype(acc_dtype)
     alibi = spec.position == "alibi"
     if alibi:
-        slope = _alibi_slope(head, spec, acc_dtype)
+        slope = _alibi_slope(head, off_ref, spec, acc_dtype)
         qpos = _row_to_col(qpos_ref[...]).astype(acc_dtype)
 
     def body(i, dq):
@@ -333,7 +341,7 @@ def grads_cost(
 
 
 def _grads_call(
-    q, k, v, do, lse, delta, qpos, kpos, chunk, spec, config, geo, n_keys, interpret
+    off, q, k, v, do, lse, delta, qpos, kpos, chunk, spec, config, geo, n_keys, interpret
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, h, t, kd = q.shape
     g = k.shape[1]
@@ -366,6 +374,7 @@ def _grads_call(
         kernel,
         grid=grid,
         in_specs=[
+            pl.BlockSpec((1, 1), lambda bi, gi, ri, ti: (0, 0)),
             pl.BlockSpec((1, geo.block_q), lambda bi, gi, ri, ti: (0, ti)),
             pl.BlockSpec((1, geo.keys_per_call), lambda bi, gi, ri, ti: (0, chunk)),
             q_spec,
@@ -382,7 +391,8 @@ def _grads_call(
             jax.ShapeDtypeStruct((b, g, n_keys, kd), acc_dtype),
         ],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
+            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
+            vmem_limit_bytes=config.vmem_limit_bytes,
         ),
         cost_estimate=pl.CostEstimate(
             flops=cost.flops // geo.n_calls,
@@ -391,7 +401,7 @@ def _grads_call(
         ),
         interpret=interpret,
         name="rt_tile_grads",
-    )(qpos, kpos, q, k, v, do, lse, delta)
+    )(off, qpos, kpos, q, k, v, do, lse, delta)
 
 
 def grads(
@@ -403,12 +413,13 @@ def grads(
     delta_BxHxT: jax.Array,
     q_pos_T: jax.Array,
     k_pos_S: jax.Array,
-    spec: AttentionSpec,
+    spec: TileSpecLike,
     *,
     config: TpuTileConfig,
     interpret: bool = False,
+    head_offset: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """TPU kernel for ``rt_jax.ops.tiles.block_grads`` (same arguments and result)."""
+    """TPU kernel for ``contract.block_grads`` (same arguments and result)."""
     b, h, t, kd = q_BxHxTxK.shape
     s = k_BxGxSxK.shape[2]
     geo = TileGeometry.of(t, s, config)
@@ -418,10 +429,12 @@ def grads(
     delta = delta_BxHxT.astype(acc_dtype).reshape(b, h, 1, t)
     qpos = q_pos_T.astype(jnp.int32).reshape(1, t)
     kpos = k_pos_S.astype(jnp.int32).reshape(1, s)
+    off = jnp.asarray(head_offset, jnp.int32).reshape(1, 1)
     dq_total, dks, dvs = None, [], []
     for chunk in range(geo.n_calls):
         n_keys = min(s - chunk * geo.keys_per_call, geo.keys_per_call)
         dq, dk, dv = _grads_call(
+            off,
             q_BxHxTxK,
             k_BxGxSxK,
             v_BxGxSxK,

@@ -3,16 +3,22 @@
 Drop-ins for the leaf x leaf loops of ``rt_jax.ops.tiled`` on a Fenwick block, used when
 ``TileOps.block_calls`` is set (the Pallas tile ops set it): a kernel then keeps the whole key block
 resident and the layer's kernel traffic is Theta(N log N) instead of Theta(N^2 / leaf). Arrays are
-the scan's leaf-major ones (n x B x X x L (x K)); a block of T leaves becomes one B x X x (T L) (x K)
-view, and ``lax.switch`` picks the static T = lowbit(m). Blocks that would run past the last leaf
-are shifted left to fit, with the leaves before m masked out. On XLA:CPU the switch copies the
-carried state in every branch, which is why the jnp tile ops keep the leaf-pair loops.
+the scan's leaf-major ones (n x B x X x L (x K)); block m (T = lowbit(m)) joins key leaves
+[m - T, m) with query leaves [m, min(m + T, n)), viewed as B x X x (T L) (x K) windows.
+
+Exactly the schedule's tiles are computed: the window sizes are static per branch of a
+``lax.switch``, one branch per (T, query leaves) pair that occurs for this n (a level's full block
+and, at most once per level, its tail truncated at the last leaf, at its true size); m = 0 and
+m >= n (nothing left to merge into) take the empty branch. ``block_shapes(n)`` lists the calls.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rt_jax.ops.block import AttentionSpec
 from rt_jax.ops.tiles import SoftmaxState, TileOps
@@ -32,14 +38,36 @@ def _unwindow(w_BxXxM_: jax.Array, size: int) -> jax.Array:
     return jnp.moveaxis(w, 2, 0)
 
 
-def _level(m: jax.Array) -> jax.Array:
-    """1 + log2(lowbit(m)) for m > 0, and 0 for m = 0 (the no-op branch)."""
-    low = m & -m
-    return jnp.where(m > 0, jax.lax.population_count(low - 1) + 1, 0)
+def block_shape(m: int, n: int) -> tuple[int, int] | None:
+    """(key leaves T, query leaves) of Fenwick block m among n leaves, None when it is empty."""
+    if m <= 0 or m >= n:
+        return None
+    t = m & -m
+    return t, min(t, n - m)
 
 
-def _n_levels(n: int) -> int:
-    return max(1, (n - 1).bit_length())
+@functools.cache
+def block_shapes(n: int) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """The distinct block shapes among n leaves and, for m in [0, n], the branch of block m.
+
+    Branch 0 is the empty block; branch i > 0 is shape i - 1.
+    """
+    shapes: list[tuple[int, int]] = []
+    branch = [0] * (n + 1)
+    for m in range(n + 1):
+        shape = block_shape(m, n)
+        if shape is None:
+            continue
+        if shape not in shapes:
+            shapes.append(shape)
+        branch[m] = 1 + shapes.index(shape)
+    return tuple(shapes), tuple(branch)
+
+
+def _branch_index(m: jax.Array, n: int) -> jax.Array:
+    _, branch = block_shapes(n)
+    table = jnp.asarray(np.asarray(branch, np.int32))
+    return table[jnp.clip(m, 0, n)]
 
 
 def fenwick_block_merge(
@@ -54,34 +82,33 @@ def fenwick_block_merge(
 ) -> SoftmaxState:
     """Merge key leaves [m - T, m) into query leaves [m, min(m + T, n)) in one call (T = lowbit(m))."""
     n = q_l.shape[0]
+    shapes, _ = block_shapes(n)
 
-    def branch(t: int):
+    def branch(t: int, tq: int):
         def run(state: SoftmaxState) -> SoftmaxState:
-            # A window of t leaves that fits in [0, n); leaves before m in it are left unchanged.
-            qs, ks = jnp.minimum(m, n - t), m - t
-            offs = jnp.arange(t * leaf)
-            keep = qs + offs // leaf >= m
-            st_w = SoftmaxState(*(_window(a, qs, t) for a in state))
+            ks = m - t
             new = tile_ops.merge(
-                _window(q_l, qs, t),
+                _window(q_l, m, tq),
                 _window(k_l, ks, t),
                 _window(v_l, ks, t),
-                st_w,
-                qs * leaf + offs,
-                ks * leaf + offs,
+                SoftmaxState(*(_window(a, m, tq) for a in state)),
+                m * leaf + jnp.arange(tq * leaf),
+                ks * leaf + jnp.arange(t * leaf),
                 spec,
             )
-            out = []
-            for old_w, new_w, full in zip(st_w, new, state, strict=True):
-                mask = keep.reshape((1, 1, -1) + (1,) * (new_w.ndim - 3))
-                merged = jnp.where(mask, new_w.astype(old_w.dtype), old_w)
-                out.append(jax.lax.dynamic_update_slice_in_dim(full, _unwindow(merged, t), qs, 0))
-            return SoftmaxState(*out)
+            return SoftmaxState(
+                *(
+                    jax.lax.dynamic_update_slice_in_dim(
+                        full, _unwindow(w.astype(full.dtype), tq), m, 0
+                    )
+                    for full, w in zip(state, new, strict=True)
+                )
+            )
 
         return run
 
-    branches = [lambda s: s] + [branch(1 << lvl) for lvl in range(_n_levels(n))]
-    return jax.lax.switch(_level(m), branches, state)
+    branches = [lambda s: s] + [branch(t, tq) for t, tq in shapes]
+    return jax.lax.switch(_branch_index(m, n), branches, state)
 
 
 def fenwick_block_grads(
@@ -95,41 +122,32 @@ def fenwick_block_grads(
     """Mirrored block m: (dq, dK, dV) of query leaves [m, m + T) x key leaves [m - T, m), one call."""
     q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
     n = q_l.shape[0]
+    shapes, _ = block_shapes(n)
 
-    def branch(t: int):
+    def add(full: jax.Array, start: jax.Array, w: jax.Array, size: int) -> jax.Array:
+        old = jax.lax.dynamic_slice_in_dim(full, start, size, 0)
+        return jax.lax.dynamic_update_slice_in_dim(
+            full, old + _unwindow(w.astype(full.dtype), size), start, 0
+        )
+
+    def branch(t: int, tq: int):
         def run(grads):
             dq_l, dk_l, dv_l = grads
-            qs, ks = jnp.minimum(m, n - t), m - t
-            offs = jnp.arange(t * leaf)
-            keep = qs + offs // leaf >= m
-            # Leaves before m in the window take no part: zero g, delta and an infinite lse.
-            g_w = jnp.where(keep[:, None], _window(g_l, qs, t), 0)
-            delta_w = jnp.where(keep, _window(delta_l, qs, t), 0)
-            lse_w = jnp.where(keep, _window(lse_l, qs, t), jnp.inf)
+            ks = m - t
             dq, dk, dv = tile_ops.grads(
-                _window(q_l, qs, t),
+                _window(q_l, m, tq),
                 _window(k_l, ks, t),
                 _window(v_l, ks, t),
-                g_w,
-                lse_w,
-                delta_w,
-                qs * leaf + offs,
-                ks * leaf + offs,
+                _window(g_l, m, tq),
+                _window(lse_l, m, tq),
+                _window(delta_l, m, tq),
+                m * leaf + jnp.arange(tq * leaf),
+                ks * leaf + jnp.arange(t * leaf),
                 spec,
             )
-            dq = jnp.where(keep[:, None], dq, 0).astype(dq_l.dtype)
-            dq_l = jax.lax.dynamic_update_slice_in_dim(
-                dq_l, jax.lax.dynamic_slice_in_dim(dq_l, qs, t, 0) + _unwindow(dq, t), qs, 0
-            )
-            dk_l = jax.lax.dynamic_update_slice_in_dim(
-                dk_l, jax.lax.dynamic_slice_in_dim(dk_l, ks, t, 0) + _unwindow(dk, t), ks, 0
-            )
-            dv_l = jax.lax.dynamic_update_slice_in_dim(
-                dv_l, jax.lax.dynamic_slice_in_dim(dv_l, ks, t, 0) + _unwindow(dv, t), ks, 0
-            )
-            return dq_l, dk_l, dv_l
+            return add(dq_l, m, dq, tq), add(dk_l, ks, dk, t), add(dv_l, ks, dv, t)
 
         return run
 
-    branches = [lambda s: s] + [branch(1 << lvl) for lvl in range(_n_levels(n))]
-    return jax.lax.switch(_level(m), branches, tuple(grads))
+    branches = [lambda s: s] + [branch(t, tq) for t, tq in shapes]
+    return jax.lax.switch(_branch_index(m, n), branches, tuple(grads))

@@ -1,10 +1,108 @@
-"""Tile operations backed by the Pallas kernels in ``pallas_kernels.rt_tiles``."""
+"""Tile operations backed by the Pallas kernels in ``pallas_kernels.rt_tiles`` (the one adapter).
+
+Mosaic and Triton calls cannot be partitioned by XLA, so every kernel call runs under
+``jax.shard_map`` over the mesh in context (``jax.sharding.get_abstract_mesh()``; the train step
+sets it): batch rows over the data/fsdp axes, heads over the tensor axis, so each device runs
+the kernel on its own rows and heads. An axis is used only when it divides the tile (else the
+tile is replicated along it). Without a mesh in context the kernels are called directly.
+
+The backend follows the target devices (the context mesh's platform and device kind), so a
+TPU topology's train step compiles the Mosaic kernels from a CPU host, with the chip's config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
 from pallas_kernels.rt_tiles.api import tile_kernels
 from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig
-from rt_jax.ops.tiles import TileOps
+from pallas_kernels.rt_tiles.contract import TileSpec
+from rt_jax.ops.tiles import SoftmaxState, TileOps
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes rt_jax.train.sharding splits the batch over
+HEAD_AXIS = "tensor"  # the mesh axis attention heads are split over
+
+
+def tile_partition(
+    mesh, batch: int, heads: int, kv_heads: int
+) -> tuple[tuple[str, ...], str | None]:
+    """(batch axes, head axis) a tile of ``batch`` rows and ``heads``/``kv_heads`` heads uses.
+
+    Batch axes are taken in order while their sizes multiply to a divisor of ``batch``; the head
+    axis only when it divides both head counts. Axes already manual (an enclosing shard_map) are
+    left alone.
+    """
+    free = [a for a in mesh.axis_names if a not in mesh.manual_axes]
+    sizes = dict(mesh.shape)
+    batch_axes: list[str] = []
+    for axis in BATCH_AXES:
+        if axis in free and sizes[axis] > 1:
+            shards = math.prod(sizes[a] for a in batch_axes) * sizes[axis]
+            if batch % shards == 0:
+                batch_axes.append(axis)
+    head = HEAD_AXIS if HEAD_AXIS in free and sizes[HEAD_AXIS] > 1 else None
+    if head is not None and (heads % sizes[head] or kv_heads % sizes[head]):
+        head = None
+    return tuple(batch_axes), head
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedKernel:
+    """One tile kernel ("merge" or "grads") called per device under ``shard_map``."""
+
+    kind: str
+    backend: str | None
+    interpret: bool
+    config: TpuTileConfig | GpuTileConfig | None
+
+    def _kernel(self):
+        merge, grads, _ = tile_kernels(self.backend, interpret=self.interpret, config=self.config)
+        return merge if self.kind == "merge" else grads
+
+    def __call__(self, q, k, v, *rest):
+        """``tiles.merge_block`` / ``tiles.block_grads`` arguments and results."""
+        if self.kind == "merge":
+            state, q_pos, k_pos, spec = rest
+            tensors = tuple(state)  # acc, max, den
+        else:
+            *tensors, q_pos, k_pos, spec = rest  # g, lse, delta
+        tile_spec = TileSpec.of(spec)
+        kernel = self._kernel()
+
+        def call(q, k, v, a, b, c, q_pos, k_pos, head_offset=0):
+            args = ((a, b, c),) if self.kind == "merge" else (a, b, c)
+            out = kernel(q, k, v, *args, q_pos, k_pos, tile_spec, head_offset=head_offset)
+            return tuple(out)
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or not _has_free_axis(mesh):
+            out = call(q, k, v, *tensors, q_pos, k_pos)
+        else:
+            batch_axes, head = tile_partition(mesh, q.shape[0], q.shape[1], k.shape[1])
+            h_local = q.shape[1] // (dict(mesh.shape)[head] if head else 1)
+
+            def local(*args):
+                offset = jax.lax.axis_index(head) * h_local if head else 0
+                return call(*args, head_offset=offset)
+
+            bh = P(batch_axes or None, head)
+            out = jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(bh,) * 6 + (P(), P()),
+                out_specs=(bh,) * 3,
+                check_vma=False,
+            )(q, k, v, *tensors, q_pos, k_pos)
+        return SoftmaxState(*out) if self.kind == "merge" else out
+
+
+def _has_free_axis(mesh) -> bool:
+    """A non-manual axis of size > 1: XLA would try (and fail) to partition the kernel."""
+    return any(size > 1 for axis, size in dict(mesh.shape).items() if axis not in mesh.manual_axes)
 
 
 def pallas_tile_ops(
@@ -13,13 +111,19 @@ def pallas_tile_ops(
     config: TpuTileConfig | GpuTileConfig | None = None,
     block_calls: bool = True,
 ) -> TileOps:
-    """A ``TileOps`` whose merge/grads are the Pallas kernels (``interpret=True`` on CPU).
+    """A ``TileOps`` whose merge/grads are the Pallas kernels, sharded over the context mesh.
 
-    ``backend`` is "tpu" (Mosaic) or "gpu" (Triton); None picks the platform's own, and the TPU
-    kernels in interpret mode on CPU. ``block_calls`` makes the tiled scan call the kernels once
-    per Fenwick block (key block resident on chip) rather than once per leaf pair. Raises ValueError
-    when the choice cannot run here.
+    ``backend`` is "tpu" (Mosaic) or "gpu" (Triton); None picks the target platform's own (the
+    context mesh's devices, else JAX's backend), and the TPU kernels in interpret mode on CPU.
+    ``config`` None picks the target chip's config. ``block_calls`` makes the tiled scan call the
+    kernels once per Fenwick block (key block resident on chip) rather than once per leaf pair.
+    Raises ValueError when the choice cannot run on the target.
     """
-    merge, grads, name = tile_kernels(backend, interpret=interpret, config=config)
+    _, _, name = tile_kernels(backend, interpret=interpret, config=config)
     mode = "interpret" if interpret else "compiled"
-    return TileOps(merge=merge, grads=grads, name=f"pallas-{name}-{mode}", block_calls=block_calls)
+    return TileOps(
+        merge=ShardedKernel("merge", backend, interpret, config),
+        grads=ShardedKernel("grads", backend, interpret, config),
+        name=f"pallas-{name}-{mode}",
+        block_calls=block_calls,
+    )

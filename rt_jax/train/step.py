@@ -138,7 +138,9 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
 
     def train_step(state: PyTree, batch: dict[str, jax.Array]) -> tuple[PyTree, dict]:
         params = state["params"]
-        total, ce, grads = gradients(params, batch["tokens"])
+        # The mesh in context lets the Pallas tile kernels run under shard_map on its devices.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            total, ce, grads = gradients(params, batch["tokens"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
@@ -166,7 +168,8 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
 
     def eval_fn(params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         inputs, targets = split_tokens(batch["tokens"])
-        sums = eval_sums(params, inputs, targets, model_cfg)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            sums = eval_sums(params, inputs, targets, model_cfg)
         return {**sums, "tokens": jnp.asarray(targets.size, jnp.float32)}
 
     eval_step = jax.jit(
