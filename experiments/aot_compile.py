@@ -246,6 +246,8 @@ def markdown(records: list[dict[str, Any]], command: str, machine: str, commit: 
     for r in records:
         extra = " ".join(r.get("extra") or [])
         name = r["point"] + (f" [{extra}]" if extra else "")
+        if r.get("block_type") == "recurrent" and r.get("impl", "tiled") != "tiled":
+            name += f" ({r['impl']})"
         if "error" in r:
             lines.append(
                 f"| {r['preset']} | {name} | {r['topology']} | | | | | | | | | error | | | |"
@@ -338,6 +340,9 @@ def run(
         names = [p.name for p in cfg.compare] or [None]
         if points:
             names = [n for n in names if n in points]
+        if cfg.model.impl != "tiled":  # impl only changes RT blocks: skip the Transformer points
+            kinds = {p.name: p.block_type for p in cfg.compare}
+            names = [n for n in names if kinds.get(n, cfg.model.block_type) == "recurrent"]
         for topology in topologies:
             for point in names:
                 cells.append(
