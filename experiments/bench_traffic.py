@@ -1,7 +1,7 @@
 """HBM traffic model of one RT layer (forward + backward) built from the tile kernels' BlockSpecs.
 
-    .venv/bin/python -m experiments.bench_traffic --seq-lens 256 512 1024 2048 4096 8192 16384 \
-        --d-model 1024 --heads 16 --out results/bench_traffic.json
+    python -m experiments.bench_traffic --seq-lens 256 512 1024 2048 4096 8192 16384 \
+        --d-model 1024 --heads 16 --hlo-seq-lens 256 1024
 
 Counts bytes read + written by every kernel call of the Fenwick schedule (``fenwick_blocks``) for
 one sequence (batch 1, bf16 inputs, float32 state/grads), with ``tpu.merge_cost``/``grads_cost``
@@ -11,9 +11,13 @@ the recomputing merge + one grads per tile (the mirrored schedule). Two granular
 * ``tiled_leaf``: what ``recurrent_layer_tiled`` does today, one leaf x leaf call per tile, so a
   Fenwick block of T leaves is T^2 calls that each re-read their key leaf: Theta(N^2 / leaf).
 * ``tiled`` (block): one call per Fenwick block with the key block resident in VMEM (split above
-  ``max_resident_keys``): Theta(N log N) up to the split term. ``fenwick_block_merge``/``_grads``
-  (rt_jax/ops/pallas_tiles.py) make these calls from the scan's leaf-major arrays; the XLA copies
-  that gather/scatter their windows are estimated separately (``layout_copy_traffic``).
+  ``max_resident_keys``): Theta(N log N) up to the split term. These are the calls
+  ``fenwick_block_merge``/``_grads`` (rt_jax/ops/fenwick_calls.py) actually make
+  (``block_shape``: tails truncated at the last leaf, nothing at m = n).
+
+The XLA copies left around those calls are not modelled: ``--hlo-seq-lens`` compiles the Pallas
+layer (forward + backward) for TPU v5e with libtpu and counts every copy inside its leaf loops
+from the compiled HLO (``leaf_loop_copies``), each as often as it runs.
 
 Baselines: the token-by-token loop (every step re-reads all earlier K/V; backward re-reads them
 and updates f32 dK/dV) and one causal FlashAttention-2 layer (K/V re-read per query block of
@@ -27,11 +31,15 @@ import argparse
 import json
 import math
 import os
+import re
+import sys
 
 import numpy as np
 
+from experiments.provenance import git_commit
 from pallas_kernels.rt_tiles import tpu
 from pallas_kernels.rt_tiles.config import TPU_V5E, TpuTileConfig
+from rt_jax.ops.fenwick_calls import block_shape, block_shapes
 from rt_jax.ops.schedule import fenwick_blocks
 
 BF16, F32 = 2, 4
@@ -45,37 +53,21 @@ def rt_layer_traffic(
     n_leaves = -(-n // leaf)
     total_bytes = total_flops = 0
     for blk in fenwick_blocks(n_leaves):
-        tq = (blk.query_stop - blk.query_start) * leaf
-        sk = (blk.key_stop - blk.key_start) * leaf
+        # The call fenwick_block_merge/_grads make for block m (the same shape: checked).
+        t_keys, t_queries = block_shape(blk.step, n_leaves)
+        if (t_queries, t_keys) != (blk.query_stop - blk.query_start, blk.key_stop - blk.key_start):
+            raise RuntimeError(f"fenwick_calls block {blk.step} differs from the schedule's {blk}")
+        tq, sk = t_queries * leaf, t_keys * leaf
         if per_block:
             calls = [(tq, sk)]
         else:
-            n_tiles = (blk.query_stop - blk.query_start) * (blk.key_stop - blk.key_start)
-            calls = [(leaf, leaf)] * n_tiles
+            calls = [(leaf, leaf)] * (t_queries * t_keys)
         for t, s in calls:
             m = tpu.merge_cost(1, heads, heads, t, s, head_dim, BF16, config)
             g = tpu.grads_cost(1, heads, heads, t, s, head_dim, BF16, config)
             total_bytes += 2 * m.bytes_accessed + g.bytes_accessed  # fwd, bwd recompute, grads
             total_flops += 2 * m.flops + g.flops
     return total_bytes, total_flops
-
-
-def layout_copy_traffic(n: int, heads: int, head_dim: int, leaf: int) -> int:
-    """XLA copies around the block calls of ``fenwick_block_merge``/``_grads`` (estimate).
-
-    Each operand window is gathered from the leaf-major arrays (read + write) and each result is
-    scattered back (read new + read old + write), per merge (two) and grads (one) per block.
-    """
-    row, st = heads * head_dim, heads * (head_dim + 2)
-    total = 0
-    for blk in fenwick_blocks(-(-n // leaf)):
-        t = (blk.query_stop - blk.query_start) * leaf
-        s = (blk.key_stop - blk.key_start) * leaf
-        merge = 2 * (t * row * BF16 + 2 * s * row * BF16 + t * st * F32) + 3 * t * st * F32
-        grads = 2 * (2 * t * row * BF16 + 2 * s * row * BF16 + 2 * t * heads * F32)
-        grads += 3 * (t * row + 2 * s * row) * F32
-        total += 2 * merge + grads
-    return total
 
 
 def naive_traffic(n: int, heads: int, head_dim: int) -> int:
@@ -103,6 +95,178 @@ def fit_exponent(ns: list[int], values: list[float]) -> float:
     return float(np.polyfit(np.log(ns), np.log(values), 1)[0])
 
 
+# ----------------------------------------------------------------------------- compiled HLO copies
+_COMP = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "f64": 8}  # fmt: skip
+_ARRAY = re.compile(r"\b(pred|s8|u8|bf16|f16|s32|u32|f32|s64|f64)\[([0-9,]*)\]")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Computation name -> its instruction lines, from a compiled HLO module's text."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        m = _COMP.match(line)
+        if m:
+            name = m.group(1)
+            comps[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            comps[name].append(line)
+    return comps
+
+
+def _out_bytes(line: str) -> int:
+    """Bytes of the first array shape after '=' (the instruction's result)."""
+    m = _ARRAY.search(line.split("=", 1)[1])
+    if not m:
+        return 0
+    size = math.prod(int(d) for d in m.group(2).split(",") if d)
+    return size * _DTYPE_BYTES[m.group(1)]
+
+
+def _called(line: str) -> list[str]:
+    names = []
+    for key in ("body=", "calls=", "to_apply="):
+        if key in line:
+            names += re.findall(r"%([\w.\-]+)", line.split(key, 1)[1].split(",")[0])
+    if "branch_computations={" in line:
+        names += re.findall(r"%([\w.\-]+)", line.split("branch_computations={", 1)[1].split("}")[0])
+    return names
+
+
+def _is_copy(line: str, comps: dict[str, list[str]]) -> bool:
+    """A copy, an async copy start, or a fusion whose root is a copy (a relayout)."""
+    rhs = line.split("=", 1)[1] if "=" in line else ""
+    if re.search(r"\s(copy|copy-start)\(", rhs):
+        return True
+    if " fusion(" in rhs and "calls=" in rhs:
+        for name in _called(line):
+            root = [ln for ln in comps.get(name, []) if ln.lstrip().startswith("ROOT")]
+            if root and re.search(r"\scopy\(", root[0]):
+                return True
+    return False
+
+
+def _contains_kernel(name: str, comps: dict[str, list[str]], seen: set[str] | None = None) -> bool:
+    seen = set() if seen is None else seen
+    if name in seen:
+        return False
+    seen.add(name)
+    for line in comps.get(name, []):
+        if "tpu_custom_call" in line:
+            return True
+        if any(_contains_kernel(c, comps, seen) for c in _called(line) if " fusion(" not in line):
+            return True
+    return False
+
+
+def leaf_loop_copies(hlo_text: str, branch_counts: list[int], n_leaves: int) -> dict:
+    """Copies the compiled program makes inside its leaf loops (while loops that call kernels).
+
+    Per leaf-loop iteration: the body's own copies, and for each ``lax.switch`` over Fenwick
+    blocks (a conditional with ``len(branch_counts)`` branches) each branch's copies weighted by
+    how many of the n - 1 blocks take it. Inner (per-position) loops are not entered: their
+    copies are listed by size only. Returns total bytes per layer step and the largest copy.
+    """
+    comps = _computations(hlo_text)
+    loops = []
+    for lines in comps.values():
+        for line in lines:
+            if " while(" in line:
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                if _contains_kernel(body, comps):
+                    loops.append(body)
+    copies: list[tuple[int, int]] = []  # (bytes, times executed per layer step)
+    for body in loops:
+        for line in comps[body]:
+            if _is_copy(line, comps):
+                copies.append((_out_bytes(line), n_leaves))
+            rhs = line.split("=", 1)[1] if "=" in line else ""
+            if " conditional(" in rhs:
+                branches = _called(line)
+                counts = branch_counts
+                if len(branches) != len(branch_counts):
+                    counts = [n_leaves] * len(branches)
+                for name, count in zip(branches, counts, strict=True):
+                    copies += [
+                        (_out_bytes(ln), count) for ln in comps.get(name, []) if _is_copy(ln, comps)
+                    ]
+    return {"leaf_loops": len(loops), "copies": copies}
+
+
+def compiled_layer_hlo(
+    n: int, heads: int, head_dim: int, leaf: int, topology: str = "v5e:2x2"
+) -> str:
+    """Compiled HLO (libtpu, AOT from CPU) of the Pallas RT layer's forward + backward.
+
+    Batch = one sequence per chip of ``topology``, data-parallel under the topology's mesh; a
+    two-layer MLP of width 2 * D.
+    """
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from rt_jax.ops.block import AttentionSpec, param_shapes
+    from rt_jax.ops.pallas_tiles import pallas_tile_ops
+    from rt_jax.ops.tiled import recurrent_layer_tiled
+
+    d = heads * head_dim
+    spec = AttentionSpec(
+        n_heads=heads, n_kv_heads=heads, head_dim=head_dim, compute_dtype="bfloat16"
+    )
+    topo = topologies.get_topology_desc(topology, platform="tpu")
+    devices = np.asarray(topo.devices).reshape(-1, 1, 1)
+    mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
+    rep = NamedSharding(mesh, P())
+    params = {
+        k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep)
+        for k, s in param_shapes(d, 2 * d, spec).items()
+    }
+    x = jax.ShapeDtypeStruct(
+        (devices.size, n, d), jnp.float32, sharding=NamedSharding(mesh, P("data"))
+    )
+
+    def loss(p, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            ops = pallas_tile_ops(interpret=False)
+            return jnp.sum(recurrent_layer_tiled(p, x, spec, leaf_size=leaf, tile_ops=ops))
+
+    return jax.jit(jax.value_and_grad(loss)).lower(params, x).compile().as_text()
+
+
+def hlo_copy_row(n: int, heads: int, head_dim: int, leaf: int) -> dict:
+    """Copies inside the leaf loops of the compiled layer at sequence length n (one chip's share)."""
+    n_leaves = -(-n // leaf)
+    shapes, branch = block_shapes(n_leaves)
+    counts = [sum(1 for m in range(1, n_leaves) if branch[m] == i) for i in range(1 + len(shapes))]
+    counts[0] += 1  # m = n (forward) or m = 0 (backward mirror): the empty branch
+    found = leaf_loop_copies(compiled_layer_hlo(n, heads, head_dim, leaf), counts, n_leaves)
+    tile_bytes = heads * leaf * head_dim * F32  # one leaf of one sequence's float32 state
+    big = [(b, c) for b, c in found["copies"] if b > tile_bytes]
+    kernel_bytes, _ = rt_layer_traffic(n, heads, head_dim, leaf, True, TPU_V5E)
+    copy_bytes = sum(b * c for b, c in found["copies"])
+    return {
+        "seq_len": n,
+        "heads": heads,
+        "head_dim": head_dim,
+        "leaf_loops": found["leaf_loops"],
+        "tile_bytes": tile_bytes,
+        "copy_bytes": copy_bytes,
+        "copies_executed": sum(c for _, c in found["copies"]),
+        "copies_over_tile_executed": sum(c for _, c in big),
+        "copy_bytes_over_tile": sum(b * c for b, c in big),
+        "largest_copy_bytes": max((b for b, _ in found["copies"]), default=0),
+        "kernel_call_bytes": kernel_bytes,
+        "copies_over_kernel_bytes": copy_bytes / kernel_bytes,
+    }
+
+
 def main() -> None:
     """Print the traffic table and write JSON + Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,6 +277,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--leaf", type=int, default=32)
     parser.add_argument("--out", default="results/bench_traffic.json")
+    parser.add_argument(
+        "--hlo-seq-lens", type=int, nargs="*", default=[256, 1024],
+        help="compile the Pallas layer for v5e at these N and count the copies in its leaf loops",
+    )  # fmt: skip
+    parser.add_argument("--hlo-heads", type=int, default=2)
+    parser.add_argument("--hlo-head-dim", type=int, default=64)
     args = parser.parse_args()
     if args.d_model % args.heads:
         raise ValueError(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
@@ -122,7 +292,6 @@ def main() -> None:
     for n in args.seq_lens:
         block_bytes, flops = rt_layer_traffic(n, args.heads, head_dim, args.leaf, True, config)
         leaf_bytes, _ = rt_layer_traffic(n, args.heads, head_dim, args.leaf, False, config)
-        copies = layout_copy_traffic(n, args.heads, head_dim, args.leaf)
         naive = naive_traffic(n, args.heads, head_dim)
         flash = flash_traffic(n, args.heads, head_dim, config.block_q)
         rows.append(
@@ -135,8 +304,6 @@ def main() -> None:
                 "flash_bytes": flash,
                 "tiled_flops": flops,
                 "tiled_leaf_bytes": leaf_bytes,
-                "tiled_block_layout_copy_bytes": copies,
-                "naive_over_tiled_with_copies": naive / (block_bytes + copies),
                 "bytes_per_nlogn": block_bytes / (n * math.log2(n)),
                 "bytes_per_n_log_leaves": block_bytes / (n * math.log2(max(2, n // args.leaf))),
                 "leaf_bytes_per_nlogn": leaf_bytes / (n * math.log2(n)),
@@ -155,9 +322,6 @@ def main() -> None:
         "tpu_config": vars(config) if hasattr(config, "__dict__") else str(config),
         "exponent_tiled": fit_exponent(ns, [r["tiled_bytes"] for r in rows]),
         "exponent_tiled_leaf": fit_exponent(ns, [r["tiled_leaf_bytes"] for r in rows]),
-        "exponent_tiled_with_copies": fit_exponent(
-            ns, [r["tiled_bytes"] + r["tiled_block_layout_copy_bytes"] for r in rows]
-        ),
         "exponent_naive": fit_exponent(ns, [r["naive_bytes"] for r in rows]),
         "exponent_flash": fit_exponent(ns, [r["flash_bytes"] for r in rows]),
         "bytes_per_nlogn_max_over_min": max(per) / min(per),
@@ -182,15 +346,39 @@ def main() -> None:
         "",
         f"Fitted exponents (bytes ~ N^a): block {summary['exponent_tiled']:.2f}, leaf "
         f"{summary['exponent_tiled_leaf']:.2f}, naive {summary['exponent_naive']:.2f}, flash "
-        f"{summary['exponent_flash']:.2f}; block + layout copies "
-        f"{summary['exponent_tiled_with_copies']:.2f} (naive/(block + copies) at each N: "
-        + ", ".join(f"{r['naive_over_tiled_with_copies']:.0f}" for r in rows)
-        + "). bytes/(N log2 N) max/min over the range (block): "
+        f"{summary['exponent_flash']:.2f}. bytes/(N log2 N) max/min over the range (block): "
         f"{summary['bytes_per_nlogn_max_over_min']:.2f}; bytes/(N log2(N/leaf)) max/min "
         f"{summary['bytes_per_n_log_leaves_max_over_min']:.2f}.",
         f"Ridge points (FLOP/byte, bf16): H100 {RIDGE['h100_bf16']:.0f}, TPU v5e "
         f"{RIDGE['tpu_v5e_bf16']:.0f}. Batch 1, leaf {args.leaf}, TPU v5e blocks {config}.",
     ]
+    hlo_rows = [
+        hlo_copy_row(n, args.hlo_heads, args.hlo_head_dim, args.leaf) for n in args.hlo_seq_lens
+    ]
+    summary["hlo_copies"] = hlo_rows
+    if hlo_rows:
+        notes += [
+            "",
+            "## Copies left in the compiled program",
+            "",
+            f"Compiled with libtpu for v5e:2x2 (AOT from CPU; one sequence per chip, "
+            f"{args.hlo_heads} heads of {args.hlo_head_dim}, leaf {args.leaf}): every copy inside "
+            "the layer's leaf loops (forward scan, backward recompute and reverse scan), each "
+            "counted as often as it runs (switch branches weighted by the blocks that take them), "
+            "against the kernel calls' own bytes at the same shape. One tile = one leaf of one "
+            "sequence's float32 state.",
+            "",
+            "| N | leaf loops | copies run | of them > 1 tile | copy MB | copy MB > 1 tile | "
+            "largest copy KB | kernel-call MB | copies / kernel bytes |",
+            "|" + "---|" * 9,
+        ]
+        for r in hlo_rows:
+            notes.append(
+                f"| {r['seq_len']} | {r['leaf_loops']} | {r['copies_executed']} "
+                f"| {r['copies_over_tile_executed']} | {r['copy_bytes'] / 1e6:.2f} "
+                f"| {r['copy_bytes_over_tile'] / 1e6:.2f} | {r['largest_copy_bytes'] / 1e3:.0f} "
+                f"| {r['kernel_call_bytes'] / 1e6:.2f} | {r['copies_over_kernel_bytes']:.2f} |"
+            )
     table = "\n".join(lines + notes)
     print(table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -199,8 +387,8 @@ def main() -> None:
     md = os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as f:
         f.write("# RT layer HBM traffic model (forward + backward)\n\n")
-        command = " ".join(__doc__.split("\n")[2:4]).replace("\\", " ")
-        f.write("Command: `" + " ".join(command.split()) + "`\n\n")
+        command = "python -m experiments.bench_traffic " + " ".join(sys.argv[1:])
+        f.write(f"Command: `{command}`  \nCommit: `{git_commit()}`\n\n")
         f.write(table + "\n")
 
 

@@ -1,7 +1,7 @@
 """The Pallas layer on a device mesh: kernels under shard_map inside the sharded train step.
 
 On the 8 fake CPU devices (interpret mode) a (data, fsdp, tensor) = (2, 2, 2) Pallas train step
-equals the unsharded tiled step (losses, gradient norm, parameters after two steps) and its
+equals the unsharded tiled step (loss, gradient norm, parameters after the step) and its
 gradients equal the tiled ones; for v5e:2x2 and v6e:2x2 the same train step with compiled
 kernels (interpret=False) AOT-compiles with libtpu from this CPU host.
 """
@@ -65,7 +65,7 @@ def test_tile_partition_uses_axes_that_divide():
 
 
 def test_sharded_pallas_step_equals_unsharded_tiled_step():
-    batches = _batches(_cfg("tiled"), 2)
+    batches = _batches(_cfg("tiled"), 1)
     mesh8 = make_mesh(MeshConfig(2, 2, 2))
     pallas, params_p = _run(_cfg("pallas", "model.interpret=true"), mesh8, batches)
     tiled, params_t = _run(
