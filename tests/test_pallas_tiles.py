@@ -199,3 +199,28 @@ def test_kernel_inside_shard_map_equals_unsharded():
     plain = local(q, k, v, *state)
     for a, b in zip(sharded, plain, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_configs_follow_the_device_kind_and_the_tile_size():
+    from pallas_kernels.rt_tiles import config as cfg
+
+    assert cfg.tpu_config_for("TPU v5 lite") is cfg.TPU_V5E
+    assert cfg.tpu_config_for("TPU v6 lite") is cfg.TPU_V6E
+    assert cfg.tpu_config_for("TPU v5") is cfg.TPU_V5P
+    assert len({cfg.TPU_V5E, cfg.TPU_V6E, cfg.TPU_V5P}) == 3
+    assert all(c.vmem_limit_bytes for c in (cfg.TPU_V5E, cfg.TPU_V6E, cfg.TPU_V5P))
+    assert cfg.gpu_config_for_tile(32, 32).block_q == 32
+    assert cfg.gpu_config_for_tile(2048, 2048).num_warps == 8
+    with pytest.raises(ValueError, match="vmem_limit_bytes"):
+        TpuTileConfig(vmem_limit_bytes=-1)
+
+
+def test_kernels_use_the_global_head_of_a_shard_for_alibi():
+    """head_offset = the shard's first global head: slopes of heads 2, 3 of 4 on a 2-head slice."""
+    spec, q, k, v, state, q_pos, k_pos, _ = _inputs(31, jnp.float32, "alibi", 4, 4, 24, 40)
+    full = reference.merge_block(q, k, v, state, q_pos, k_pos, spec)
+    part = [a[:, 2:] for a in (q, k, v)] + [reference.SoftmaxState(*(a[:, 2:] for a in state))]
+    for backend in ("tpu", "gpu"):
+        out = KERNELS[backend][0](*part, q_pos, k_pos, spec, head_offset=2)
+        for a, r in zip(out, full, strict=True):
+            _close(a, r[:, 2:], 2e-5)

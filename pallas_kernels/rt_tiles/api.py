@@ -14,13 +14,7 @@ from collections.abc import Callable
 import jax
 
 from pallas_kernels.rt_tiles import gpu, tpu
-from pallas_kernels.rt_tiles.config import (
-    GPU_H100,
-    GpuTileConfig,
-    TpuTileConfig,
-    gpu_config_for,
-    tpu_config_for,
-)
+from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig, tpu_config_for
 
 BACKENDS = ("tpu", "gpu")
 _PLATFORM_BACKEND = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
@@ -78,19 +72,19 @@ def tile_kernels(
     """The (merge, grads) kernels of a backend with the ``contract`` signatures, and its name.
 
     ``platform``/``device_kind`` default to the target devices'; they pick the backend and, when
-    ``config`` is None, its per-chip block config.
+    ``config`` is None, its block config (TPU: per chip kind; GPU: per tile size).
     """
     if platform is None:
         platform, kind = target_device()
         device_kind = device_kind or kind
     name = resolve_backend(backend, interpret, platform)
     if name == "tpu":
-        module, default = tpu, tpu_config_for(device_kind)
-    else:
-        module, default = gpu, gpu_config_for(device_kind) if device_kind else GPU_H100
-    config = default if config is None else config
+        module = tpu
+        config = tpu_config_for(device_kind) if config is None else config
+    else:  # None: the Triton kernels pick GPU_BY_SIZE's entry per tile
+        module = gpu
     expected = TpuTileConfig if name == "tpu" else GpuTileConfig
-    if not isinstance(config, expected):
+    if config is not None and not isinstance(config, expected):
         raise ValueError(f"backend {name!r} needs a {expected.__name__}, got {config!r}")
     merge = functools.partial(module.merge, config=config, interpret=interpret)
     grads = functools.partial(module.grads, config=config, interpret=interpret)

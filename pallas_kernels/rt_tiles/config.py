@@ -76,11 +76,12 @@ TPU_V5P = TpuTileConfig(
 )
 GPU_H100 = GpuTileConfig(block_q=64, block_k=64, num_warps=4, num_stages=2)
 
-_TPU_BY_KIND = (("v6", TPU_V6E), ("v5p", TPU_V5P), ("v5 lite", TPU_V5E), ("v5e", TPU_V5E))
+# Substrings of jax's device_kind, first match wins ("TPU v5 lite" is v5e, "TPU v5" is v5p).
+_TPU_BY_KIND = (("v6", TPU_V6E), ("v5 lite", TPU_V5E), ("v5e", TPU_V5E), ("v5", TPU_V5P))
 
 
 def tpu_config_for(device_kind: str | None) -> TpuTileConfig:
-    """The block config of a TPU device kind ("TPU v5 lite", "TPU v6 lite", "TPU v5p", ...).
+    """The block config of a TPU device kind ("TPU v5 lite", "TPU v6 lite", "TPU v5", ...).
 
     Unknown kinds (and None) get the v5e config, the smallest VMEM budget of the three.
     """
@@ -91,19 +92,13 @@ def tpu_config_for(device_kind: str | None) -> TpuTileConfig:
     return TPU_V5E
 
 
-# GPU configs keyed by the tile's size: (largest min(T, S) it serves, config). Small tiles get
+# Triton configs keyed by the tile's size: (largest min(T, S) it serves, config). Small tiles get
 # small blocks so a leaf tile is not padded to 64 rows; long blocks get more warps and stages.
 GPU_BY_SIZE = (
     (32, GpuTileConfig(block_q=32, block_k=32, num_warps=2, num_stages=2)),
     (256, GpuTileConfig(block_q=64, block_k=64, num_warps=4, num_stages=2)),
     (1 << 62, GpuTileConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)),
 )
-
-
-def gpu_config_for(device_kind: str | None) -> GpuTileConfig:
-    """The default Triton config of a GPU kind (H100-tuned blocks for every kind for now)."""
-    del device_kind
-    return GPU_H100
 
 
 def gpu_config_for_tile(n_queries: int, n_keys: int) -> GpuTileConfig:

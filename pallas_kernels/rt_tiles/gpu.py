@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.rt_tiles.config import GpuTileConfig
+from pallas_kernels.rt_tiles.config import GpuTileConfig, gpu_config_for_tile
 from pallas_kernels.rt_tiles.contract import TileSpecLike, TileState
 
 
@@ -66,7 +66,7 @@ def _merge_kernel(
     block_k: int,
     acc_dtype: jnp.dtype,
 ):
-    head, tq = pl.program_id(1), pl.program_id(2)
+    tq, head = pl.program_id(0), pl.program_id(2)
     rows = pl.ds(tq * block_q, block_q)
     row_ok = tq * block_q + jnp.arange(block_q) < n_queries
     q = plgpu.load(q_ref.at[rows, :], mask=row_ok[:, None], other=0.0)
@@ -111,19 +111,23 @@ def merge(
     k_pos_S: jax.Array,
     spec: TileSpecLike,
     *,
-    config: GpuTileConfig,
+    config: GpuTileConfig | None = None,
     interpret: bool = False,
     head_offset: jax.Array | int = 0,
 ) -> TileState:
-    """GPU kernel for ``contract.merge_block`` (same arguments and result)."""
+    """GPU kernel for ``contract.merge_block`` (same arguments and result).
+
+    ``config`` None picks the entry of ``config.GPU_BY_SIZE`` for this tile's size.
+    """
     b, h, t, kd = q_BxHxTxK.shape
     g, s = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
+    config = gpu_config_for_tile(t, s) if config is None else config
     _check_head_dim(kd)
     r = h // g
     acc_dtype = _acc_dtype(q_BxHxTxK.dtype)
-    q_spec = pl.BlockSpec((None, None, t, kd), lambda bi, hi, ti: (bi, hi, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, s, kd), lambda bi, hi, ti: (bi, hi // r, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, t), lambda bi, hi, ti: (bi, hi, 0))
+    q_spec = pl.BlockSpec((None, None, t, kd), lambda ti, bi, hi: (bi, hi, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, s, kd), lambda ti, bi, hi: (bi, hi // r, 0, 0))
+    stat_spec = pl.BlockSpec((None, None, t), lambda ti, bi, hi: (bi, hi, 0))
     kernel = functools.partial(
         _merge_kernel,
         spec=spec,
@@ -135,11 +139,11 @@ def merge(
     )
     acc, mx, den = pl.pallas_call(
         kernel,
-        grid=(b, h, pl.cdiv(t, config.block_q)),
+        grid=(pl.cdiv(t, config.block_q), b, h),
         in_specs=[
-            pl.BlockSpec((1,), lambda bi, hi, ti: (0,)),
-            pl.BlockSpec((t,), lambda bi, hi, ti: (0,)),
-            pl.BlockSpec((s,), lambda bi, hi, ti: (0,)),
+            pl.BlockSpec((1,), lambda ti, bi, hi: (0,)),
+            pl.BlockSpec((t,), lambda ti, bi, hi: (0,)),
+            pl.BlockSpec((s,), lambda ti, bi, hi: (0,)),
             q_spec,
             kv_spec,
             kv_spec,
@@ -201,7 +205,7 @@ def _dkdv_kernel(
     block_k: int,
     acc_dtype: jnp.dtype,
 ):
-    group, tk = pl.program_id(1), pl.program_id(2)
+    tk, group = pl.program_id(0), pl.program_id(2)
     cols = pl.ds(tk * block_k, block_k)
     col_ok = tk * block_k + jnp.arange(block_k) < n_keys
     k = plgpu.load(k_ref.at[cols, :], mask=col_ok[:, None], other=0.0)
@@ -254,7 +258,7 @@ def _dq_kernel(
     block_k: int,
     acc_dtype: jnp.dtype,
 ):
-    head, tq = pl.program_id(1), pl.program_id(2)
+    tq, head = pl.program_id(0), pl.program_id(2)
     rows = pl.ds(tq * block_q, block_q)
     row_ok = tq * block_q + jnp.arange(block_q) < n_queries
     q = plgpu.load(q_ref.at[rows, :], mask=row_ok[:, None], other=0.0)
@@ -291,13 +295,17 @@ def grads(
     k_pos_S: jax.Array,
     spec: TileSpecLike,
     *,
-    config: GpuTileConfig,
+    config: GpuTileConfig | None = None,
     interpret: bool = False,
     head_offset: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GPU kernels (dK/dV, then dQ) for ``contract.block_grads`` (same arguments and result)."""
+    """GPU kernels (dK/dV, then dQ) for ``contract.block_grads`` (same arguments and result).
+
+    ``config`` None picks the entry of ``config.GPU_BY_SIZE`` for this tile's size.
+    """
     b, h, t, kd = q_BxHxTxK.shape
     g, s = k_BxGxSxK.shape[1], k_BxGxSxK.shape[2]
+    config = gpu_config_for_tile(t, s) if config is None else config
     _check_head_dim(kd)
     r = h // g
     acc_dtype = _acc_dtype(q_BxHxTxK.dtype)
@@ -321,17 +329,17 @@ def grads(
         acc_dtype=acc_dtype,
     )
     pos_specs = [
-        pl.BlockSpec((1,), lambda bi, xi, ti: (0,)),
-        pl.BlockSpec((t,), lambda bi, xi, ti: (0,)),
-        pl.BlockSpec((s,), lambda bi, xi, ti: (0,)),
+        pl.BlockSpec((1,), lambda ti, bi, xi: (0,)),
+        pl.BlockSpec((t,), lambda ti, bi, xi: (0,)),
+        pl.BlockSpec((s,), lambda ti, bi, xi: (0,)),
     ]
     # dK, dV: one program per (batch, kv head, key block), all R query heads of the group.
-    group_q = pl.BlockSpec((None, r, t, kd), lambda bi, gi, ti: (bi, gi, 0, 0))
-    group_stat = pl.BlockSpec((None, r, t), lambda bi, gi, ti: (bi, gi, 0))
-    kv = pl.BlockSpec((None, None, s, kd), lambda bi, gi, ti: (bi, gi, 0, 0))
+    group_q = pl.BlockSpec((None, r, t, kd), lambda ti, bi, gi: (bi, gi, 0, 0))
+    group_stat = pl.BlockSpec((None, r, t), lambda ti, bi, gi: (bi, gi, 0))
+    kv = pl.BlockSpec((None, None, s, kd), lambda ti, bi, gi: (bi, gi, 0, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, **static),
-        grid=(b, g, pl.cdiv(s, config.block_k)),
+        grid=(pl.cdiv(s, config.block_k), b, g),
         in_specs=pos_specs + [group_q, kv, kv, group_q, group_stat, group_stat],
         out_specs=[kv, kv],
         out_shape=[jax.ShapeDtypeStruct((b, g, s, kd), acc_dtype)] * 2,
@@ -340,12 +348,12 @@ def grads(
         name="rt_tile_dkdv_gpu",
     )(*args)
     # dQ: one program per (batch, query head, query block).
-    head_q = pl.BlockSpec((None, None, t, kd), lambda bi, hi, ti: (bi, hi, 0, 0))
-    head_stat = pl.BlockSpec((None, None, t), lambda bi, hi, ti: (bi, hi, 0))
-    kv_of_head = pl.BlockSpec((None, None, s, kd), lambda bi, hi, ti: (bi, hi // r, 0, 0))
+    head_q = pl.BlockSpec((None, None, t, kd), lambda ti, bi, hi: (bi, hi, 0, 0))
+    head_stat = pl.BlockSpec((None, None, t), lambda ti, bi, hi: (bi, hi, 0))
+    kv_of_head = pl.BlockSpec((None, None, s, kd), lambda ti, bi, hi: (bi, hi // r, 0, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **static),
-        grid=(b, h, pl.cdiv(t, config.block_q)),
+        grid=(pl.cdiv(t, config.block_q), b, h),
         in_specs=pos_specs + [head_q, kv_of_head, kv_of_head, head_q, head_stat, head_stat],
         out_specs=head_q,
         out_shape=jax.ShapeDtypeStruct((b, h, t, kd), acc_dtype),
