@@ -70,6 +70,23 @@ def rt_layer_traffic(
     return total_bytes, total_flops
 
 
+def padding_waste(n: int, leaf: int, config: TpuTileConfig) -> float:
+    """MXU work the TPU kernels do / the work the tiles need, over one forward's block calls.
+
+    Each call pads its query rows to its ``block_q`` and its keys to its ``block_k`` (both at
+    least the 128-lane width), see ``tpu.TileGeometry``.
+    """
+    n_leaves = -(-n // leaf)
+    useful = padded = 0
+    for m in range(1, n_leaves):
+        t_keys, t_queries = block_shape(m, n_leaves)
+        t, s = t_queries * leaf, t_keys * leaf
+        geo = tpu.TileGeometry.of(t, s, config)
+        useful += t * s
+        padded += -(-t // geo.block_q) * geo.block_q * -(-s // geo.block_k) * geo.block_k
+    return padded / useful
+
+
 def naive_traffic(n: int, heads: int, head_dim: int) -> int:
     """Token-by-token loop: step t reads t earlier K/V rows (fwd) and updates their f32 grads."""
     pairs = n * (n - 1) // 2
@@ -351,6 +368,20 @@ def main() -> None:
         f"{summary['bytes_per_n_log_leaves_max_over_min']:.2f}.",
         f"Ridge points (FLOP/byte, bf16): H100 {RIDGE['h100_bf16']:.0f}, TPU v5e "
         f"{RIDGE['tpu_v5e_bf16']:.0f}. Batch 1, leaf {args.leaf}, TPU v5e blocks {config}.",
+    ]
+    padding = {
+        f"{n}/{leaf}": padding_waste(n, leaf, config)
+        for n in (512, 1024, 4096)
+        for leaf in (32, 64, 128)
+    }
+    summary["tpu_padding_waste_by_n_and_leaf"] = padding
+    notes += [
+        "",
+        "TPU padding (MXU work done / needed over the block calls, v5e blocks): "
+        + ", ".join(
+            f"N={k.split('/')[0]} leaf {k.split('/')[1]}: {v:.2f}x" for k, v in padding.items()
+        )
+        + ".",
     ]
     hlo_rows = [
         hlo_copy_row(n, args.hlo_heads, args.hlo_head_dim, args.leaf) for n in args.hlo_seq_lens
