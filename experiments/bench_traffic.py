@@ -410,6 +410,8 @@ def main() -> None:
                 f"| {r['copy_bytes_over_tile'] / 1e6:.2f} | {r['largest_copy_bytes'] / 1e3:.0f} "
                 f"| {r['kernel_call_bytes'] / 1e6:.2f} | {r['copies_over_kernel_bytes']:.2f} |"
             )
+    commit = git_commit()  # before anything is written: the results files would make it dirty
+    summary["commit"] = commit
     table = "\n".join(lines + notes)
     print(table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -419,7 +421,7 @@ def main() -> None:
     with open(md, "w") as f:
         f.write("# RT layer HBM traffic model (forward + backward)\n\n")
         command = "python -m experiments.bench_traffic " + " ".join(sys.argv[1:])
-        f.write(f"Command: `{command}`  \nCommit: `{git_commit()}`\n\n")
+        f.write(f"Command: `{command}`  \nCommit: `{commit}`\n\n")
         f.write(table + "\n")
 
 
