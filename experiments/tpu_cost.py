@@ -50,6 +50,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # ----------------------------------------------------------------------------- chip constants
 CHIPS: dict[str, dict[str, float]] = {
     # peak bf16 FLOP/s, MXUs, MXU side, HBM bytes/s (published spec sheets)
@@ -199,6 +201,7 @@ def _match_paren(s: str, start: int) -> int:
     raise ValueError(f"unbalanced brackets in HLO line: {s[:200]}")
 
 
+_COMMENT = re.compile(r"/\*.*?\*/")
 _INSTR_HEAD = re.compile(r"^\s*(ROOT\s+)?%?([A-Za-z0-9_.\-]+)\s*=\s*")
 _COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([A-Za-z0-9_.\-]+)\s*\(.*\{\s*$")
 
@@ -208,6 +211,7 @@ def parse_instr(line: str) -> Instr | None:
     m = _INSTR_HEAD.match(line)
     if not m:
         return None
+    line = _COMMENT.sub("", line)
     rest = line[m.end() :]
     if rest.startswith("("):
         end = _match_paren(rest, 0)
@@ -301,43 +305,78 @@ def shape_bytes(shape: str) -> int:
 
 # ----------------------------------------------------------------------------- scalar interpreter
 _BITS = {"s8": 8, "s16": 16, "s32": 32, "s64": 64, "u8": 8, "u16": 16, "u32": 32, "u64": 64}
+_INT_TYPES = set(_BITS) | {"pred"}
+MAX_ARRAY = 1 << 16  # small integer arrays (leaf indices, schedules) are evaluated too
 
 
-def _wrap(v: Any, shape: str) -> Any:
-    m = _SCALAR_RE.match(shape)
-    if m is None or v is None:
-        return v
-    t = m.group(1)
-    if t == "pred":
-        return bool(v)
-    if t in _BITS:
-        bits = _BITS[t]
-        v = int(v) % (1 << bits)
-        if t.startswith("s") and v >= 1 << (bits - 1):
-            v -= 1 << bits
-        return v
-    return float(v)
+def _array_type(shape: str) -> tuple[str, tuple[int, ...]] | None:
+    """(dtype, dims) of a non-tuple array shape string, None for tuples."""
+    if shape.startswith("("):
+        return None
+    m = re.match(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", shape)
+    if m is None:
+        return None
+    return m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
 
 
-def _int_div(a: int, b: int) -> int:
-    q = abs(a) // abs(b)
-    return q if (a >= 0) == (b >= 0) else -q
+def _wrap_np(a: Any, dtype: str) -> Any:
+    """numpy value -> the HLO type's semantics (integer wrap-around, bool, float)."""
+    a = np.asarray(a)
+    if dtype == "pred":
+        return a.astype(bool)
+    if dtype in _BITS:
+        bits = _BITS[dtype]
+        a = np.asarray(a, dtype=object) if a.dtype == object else a.astype(np.int64)
+        a = np.mod(a, 1 << bits) if bits < 64 else np.mod(a.astype(object), 1 << 64)
+        if dtype.startswith("s"):
+            a = np.where(a >= (1 << (bits - 1)), a - (1 << bits), a)
+        return a.astype(np.int64) if bits < 64 or dtype.startswith("s") else a
+    return a.astype(np.float64)
+
+
+def _out(a: Any, shape: str) -> Any:
+    """numpy result -> a Python scalar for rank-0 shapes, a small array otherwise (or None)."""
+    at = _array_type(shape)
+    if at is None or a is None:
+        return None
+    dtype, dims = at
+    a = _wrap_np(a, dtype)
+    if dims:
+        return np.broadcast_to(a, dims).copy() if a.size in (1, math.prod(dims)) else None
+    if a.size != 1:
+        return None
+    v = a.reshape(()).item()
+    return bool(v) if dtype == "pred" else v
 
 
 def _literal(text: str, shape: str) -> Any:
-    text = text.strip()
-    if text in ("true", "false"):
-        return text == "true"
-    try:
-        if _SCALAR_RE.match(shape) and _SCALAR_RE.match(shape).group(1)[0] in "su":
-            return int(text)
-        return float(text)
-    except ValueError:
+    at = _array_type(shape)
+    if at is None:
         return None
+    nums = re.findall(r"true|false|[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|inf|nan)", text)
+    if not nums:
+        return None
+    vals = [n == "true" if n in ("true", "false") else float(n) for n in nums]
+    dtype, dims = at
+    if dtype in _INT_TYPES:
+        vals = [int(v) for v in vals]
+    if math.prod(dims) != len(vals):
+        return None
+    return _out(np.array(vals).reshape(dims), shape)
+
+
+def _int_div(a: Any, b: Any) -> Any:
+    q = np.abs(a) // np.abs(b)
+    return np.where((a >= 0) == (b >= 0), q, -q)
 
 
 class Evaluator:
-    """Demand-driven evaluation of the scalar (integer/bool/float) values of one computation."""
+    """Demand-driven evaluation of the small integer/bool/float values of one computation.
+
+    Values: Python scalars for rank-0 arrays, numpy arrays for small integer arrays (iota,
+    constants, dynamic slices of them), tuples for tuples, None where unknown (every large
+    or data-dependent array).
+    """
 
     def __init__(self, module: Module, comp: str, args: tuple):
         self.module = module
@@ -352,7 +391,7 @@ class Evaluator:
         return self.value(root.name)
 
     def value(self, name: str) -> Any:
-        """Value of the named instruction: scalar, nested tuple, or None when unknown."""
+        """Value of the named instruction: scalar, small array, nested tuple, or None."""
         if name in self.memo:
             return self.memo[name]
         instr = self.instrs.get(name)
@@ -360,7 +399,7 @@ class Evaluator:
         self.memo[name] = v
         return v
 
-    def _eval(self, ins: Instr) -> Any:  # noqa: C901 - one case per opcode
+    def _eval(self, ins: Instr) -> Any:
         op, shape = ins.opcode, ins.shape
         if op == "parameter":
             idx = int(ins.operands[0])
@@ -371,89 +410,143 @@ class Evaluator:
             return t[idx] if isinstance(t, tuple) and idx < len(t) else None
         if op == "tuple":
             return tuple(self.value(o) for o in ins.operands)
-        scalar = _SCALAR_RE.match(shape) is not None
-        if not scalar:
+        at = _array_type(shape)
+        if at is None:
+            return None
+        dtype, dims = at
+        if dims and (dtype not in _INT_TYPES or math.prod(dims) > MAX_ARRAY):
             return None
         if op == "constant":
             return _literal(ins.operands[0] if ins.operands else "", shape)
+        if op == "iota":
+            d = int(ins.attr("iota_dimension") or 0)
+            idx = np.arange(dims[d]).reshape([-1 if i == d else 1 for i in range(len(dims))])
+            return _out(np.broadcast_to(idx, dims), shape)
         if op in ("fusion", "call"):
             callee = ins.attr("calls") or ins.attr("to_apply")
             if callee is None or callee not in self.module.computations:
                 return None
             args = tuple(self.value(o) for o in ins.operands)
-            return _wrap(Evaluator(self.module, callee, args).root(), shape)
+            return _out(_np(Evaluator(self.module, callee, args).root()), shape)
         vals = [self.value(o) for o in ins.operands]
+        if op == "select" and vals and vals[0] is not None and np.ndim(vals[0]) == 0:
+            return _out(_np(vals[1] if vals[0] else vals[2]), shape)
         if any(v is None for v in vals):
-            if op == "select" and vals[0] is not None:
-                return _wrap(vals[1] if vals[0] else vals[2], shape)
             return None
-        return _wrap(self._arith(op, vals, ins), shape)
+        try:
+            with np.errstate(all="ignore"):
+                return _out(self._op(op, [np.asarray(v) for v in vals], ins, dims), shape)
+        except (ValueError, IndexError, TypeError, ZeroDivisionError):
+            return None
 
-    def _arith(self, op: str, v: list, ins: Instr) -> Any:  # noqa: C901
-        if op in ("copy", "bitcast", "reshape", "broadcast", "convert", "bitcast-convert"):
+    def _op(self, op: str, v: list, ins: Instr, dims: tuple) -> Any:  # noqa: C901
+        if op in ("copy", "convert", "bitcast-convert"):
             return v[0]
+        if op in ("bitcast", "reshape"):
+            return v[0].reshape(dims)
+        if op == "broadcast":
+            bd = [int(x) for x in re.findall(r"\d+", _attr_braces(ins.attrs, "dimensions"))]
+            shape = [1] * len(dims)
+            for i, d in enumerate(bd):
+                shape[d] = v[0].shape[i]
+            return np.broadcast_to(v[0].reshape(shape), dims)
+        if op == "transpose":
+            perm = [int(x) for x in re.findall(r"\d+", _attr_braces(ins.attrs, "dimensions"))]
+            return np.transpose(v[0], perm)
+        if op == "dynamic-slice":
+            sizes = [
+                int(x) for x in re.findall(r"\d+", _attr_braces(ins.attrs, "dynamic_slice_sizes"))
+            ]
+            a = v[0]
+            starts = [int(np.clip(int(s), 0, a.shape[i] - sizes[i])) for i, s in enumerate(v[1:])]
+            return a[tuple(slice(s, s + n) for s, n in zip(starts, sizes, strict=True))]
+        if op == "slice":
+            spec = re.findall(r"\[(\d+):(\d+)(?::(\d+))?\]", _attr_braces(ins.attrs, "slice"))
+            return v[0][tuple(slice(int(a), int(b), int(c or 1)) for a, b, c in spec)]
+        if op == "concatenate":
+            d = int(re.findall(r"\d+", _attr_braces(ins.attrs, "dimensions"))[0])
+            return np.concatenate(v, axis=d)
+        if op == "reduce":
+            return None
+        a = v[0].astype(object) if v[0].dtype.kind in "iu" else v[0]
+        b = (v[1].astype(object) if v[1].dtype.kind in "iu" else v[1]) if len(v) > 1 else None
         if op == "add":
-            return v[0] + v[1]
+            return a + b
         if op == "subtract":
-            return v[0] - v[1]
+            return a - b
         if op == "multiply":
-            return v[0] * v[1]
-        if op == "divide":
-            if v[1] == 0:
+            return a * b
+        if op in ("divide", "remainder"):
+            if np.any(b == 0):
                 return None
-            if isinstance(v[0], int) and isinstance(v[1], int):
-                return _int_div(v[0], v[1])
-            return v[0] / v[1]
-        if op == "remainder":
-            if v[1] == 0:
-                return None
-            if isinstance(v[0], int):
-                return v[0] - v[1] * _int_div(v[0], v[1])
-            return math.fmod(v[0], v[1])
+            if v[0].dtype.kind in "iu":
+                q = _int_div(a, b)
+                return q if op == "divide" else a - b * q
+            return a / b if op == "divide" else np.fmod(a, b)
         if op == "maximum":
-            return max(v[0], v[1])
+            return np.maximum(a, b)
         if op == "minimum":
-            return min(v[0], v[1])
+            return np.minimum(a, b)
         if op == "negate":
-            return -v[0]
+            return -a
         if op == "abs":
-            return abs(v[0])
+            return np.abs(a)
         if op == "sign":
-            return (v[0] > 0) - (v[0] < 0)
-        if op == "and":
-            return v[0] and v[1] if isinstance(v[0], bool) else v[0] & v[1]
-        if op == "or":
-            return v[0] or v[1] if isinstance(v[0], bool) else v[0] | v[1]
-        if op == "xor":
-            return v[0] != v[1] if isinstance(v[0], bool) else v[0] ^ v[1]
+            return np.sign(a)
+        if op in ("and", "or", "xor"):
+            if v[0].dtype == bool:
+                return {"and": np.logical_and, "or": np.logical_or, "xor": np.logical_xor}[op](
+                    v[0], v[1]
+                )
+            return {"and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor}[op](
+                v[0].astype(np.int64), v[1].astype(np.int64)
+            )
         if op == "not":
-            return (not v[0]) if isinstance(v[0], bool) else ~v[0]
+            return np.logical_not(v[0]) if v[0].dtype == bool else ~v[0].astype(np.int64)
         if op == "shift-left":
-            return v[0] << v[1]
+            return a * (2**b)
         if op in ("shift-right-arithmetic", "shift-right-logical"):
-            m = _SCALAR_RE.match(ins.shape)
-            bits = _BITS.get(m.group(1), 32) if m else 32
+            at = _array_type(ins.shape)
+            bits = _BITS.get(at[0], 32) if at else 32
             if op == "shift-right-logical":
-                return (v[0] % (1 << bits)) >> v[1]
-            return v[0] >> v[1]
+                return np.mod(a, 1 << bits) // (2**b)
+            return a // (2**b)
         if op == "clamp":
-            return min(max(v[1], v[0]), v[2])
+            return np.minimum(np.maximum(v[1], v[0]), v[2])
         if op == "select":
-            return v[1] if v[0] else v[2]
+            return np.where(v[0], v[1], v[2])
         if op == "compare":
             d = ins.attr("direction")
-            a, b = v
-            return {
-                "EQ": a == b,
-                "NE": a != b,
-                "LT": a < b,
-                "LE": a <= b,
-                "GT": a > b,
-                "GE": a >= b,
+            fn = {
+                "EQ": np.equal,
+                "NE": np.not_equal,
+                "LT": np.less,
+                "LE": np.less_equal,
+                "GT": np.greater,
+                "GE": np.greater_equal,
             }.get(d)
+            return None if fn is None else fn(a, b)
         if op == "popcnt":
-            return bin(v[0] % (1 << 64)).count("1")
+            return np.vectorize(lambda x: bin(int(x) % (1 << 64)).count("1"))(a)
         return None
+
+
+def _freeze(v: Any) -> Any:
+    """A hashable copy of an evaluator value (arrays -> (shape, items))."""
+    if isinstance(v, tuple):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return ("array", v.shape, tuple(v.reshape(-1).tolist()))
+    return v
+
+
+def _np(v: Any) -> Any:
+    return None if v is None or isinstance(v, tuple) else np.asarray(v)
+
+
+def _attr_braces(attrs: str, key: str) -> str:
+    m = re.search(r"\b" + re.escape(key) + r"=\{([^}]*)\}", attrs)
+    return m.group(1) if m else ""
 
 
 def evaluate(module: Module, comp: str, args: tuple) -> Any:
@@ -610,7 +703,7 @@ class CostModel:
     # -- the walk
     def walk(self, comp: str, args: tuple, loop: str | None) -> Acc:
         """Cost of one execution of ``comp`` with (partially known) ``args`` inside ``loop``."""
-        key = (comp, None if self.is_static(comp) else args, loop)
+        key = (comp, None if self.is_static(comp) else _freeze(args), loop)
         if key in self._memo:
             return self._memo[key]
         acc = Acc()
