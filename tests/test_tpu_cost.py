@@ -240,6 +240,37 @@ def test_inner_bound_depends_on_outer_counter(v5e):
     assert lp["exclusive_cycles"] % lp["iterations"] == 0
 
 
+def test_pallas_kernel_counts_as_its_cost_estimate():
+    """A compiled Pallas TPU kernel (tpu_custom_call) counts as its declared CostEstimate."""
+    pytest.importorskip("libtpu", reason="libtpu (PyPI) is a test dependency: pip install libtpu")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental import topologies
+    from jax.sharding import PartitionSpec as P
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2.0
+
+    def f(x):
+        cost = pl.CostEstimate(flops=394_000_000, transcendentals=0, bytes_accessed=8192)
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return pl.pallas_call(kernel, out_shape=out, cost_estimate=cost)(x)
+
+    tpu_cost.tpu_devices("v5e:1x1")  # sets ALLOW_MULTIPLE_LIBTPU_LOAD
+    topo = topologies.get_topology_desc("v5e:1x1", platform="tpu", chips_per_host_bounds=[1, 1, 1])
+    mesh = topologies.make_mesh(topo, (1,), ("data",))
+    sharded = jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        compiled = jax.jit(sharded).lower(jax.ShapeDtypeStruct((8, 128), jnp.float32)).compile()
+    est = tpu_cost.estimate_text(compiled.as_text(), "v5e")
+    (kernel_row,) = est.pallas
+    assert kernel_row["has_cost_estimate"] and kernel_row["calls"] == 1
+    # 394 MFLOP at 197 TFLOP/s = 2 us (the bytes are negligible) at the 1.503 GHz clock
+    assert kernel_row["cycles"] == pytest.approx(2e-6 * tpu_cost.clock_hz("v5e"))
+    assert est.by_class["pallas"] == pytest.approx(kernel_row["cycles"])
+
+
 def test_results_rows_merge_by_key_and_render(tmp_path):
     def row(label, model, block, ms):
         return {
