@@ -1219,7 +1219,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "(v5e: 197 TFLOP/s / (4 MXU x 128^2 x 2) = 1.50 GHz). These are the compiler's "
         "estimates, not measurements: see docs/tpu_cost.md for what they cannot see. "
         "Roofline = analytic model FLOPs (rt_jax.train.flops, causal half, 3x forward) / bf16 peak. "
-        "ratio = estimate / the Transformer's estimate in the same label, kind and shape. "
+        "ratio = estimate / the Transformer's estimate in the same label, kind and shape "
+        '("vs L": label L\'s Transformer row, where this label has none). '
         "Shares: per-position = innermost fixed-trip loops nested in a loop, merges = loops whose "
         "trip count varies between instances (the Fenwick merges), CLASSIC = share of cycles whose "
         "cost model the compiler marks COST_MODEL_TYPE_CLASSIC (matmuls); the rest is "
@@ -1236,11 +1237,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for r in rows
         if r["block_type"] == "transformer"
     }
+    any_label = {  # a label without its own Transformer row is compared with another label's
+        (r["kind"], shape_key(r)): (r["label"], r["estimated_ms"])
+        for r in sorted(rows, key=lambda r: (r.get("date", ""), r["label"]))  # latest wins
+        if r["block_type"] == "transformer"
+    }
     order = sorted(rows, key=lambda r: (r["label"], r["kind"], shape_key(r), r["model"]))
     for r in order:
         tot = r["total_cycles"]
         ref = base.get((r["label"], r["kind"], shape_key(r)))
         ratio = "-" if ref is None else f"{r['estimated_ms'] / ref:.2f}x"
+        if ref is None and (r["kind"], shape_key(r)) in any_label:
+            other, ref = any_label[(r["kind"], shape_key(r))]
+            ratio = f"{r['estimated_ms'] / ref:.2f}x (vs {other})"
         reg = r["by_region"]
         cls = r["by_class"]
         classic = r["by_cost_model"].get("COST_MODEL_TYPE_CLASSIC", 0.0)
@@ -1374,7 +1383,13 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m experiments.tpu_cost " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    meta = {"label": args.label, "command": command, "commit": git_commit(), "machine": machine()}
+    meta = {
+        "label": args.label,
+        "command": command,
+        "commit": git_commit(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     hlo_dir = Path(args.save_hlo) if args.save_hlo else None
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)

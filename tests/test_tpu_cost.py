@@ -321,7 +321,9 @@ def test_results_rows_merge_by_key_and_render(tmp_path):
         ],
         tmp_path,
     )
+    tpu_cost.write_results([row("rt-only", "rt-tiled-leaf4", "recurrent", 5.0)], tmp_path)
     rows = json.loads((tmp_path / "tpu_cost.json").read_text())["rows"]
-    assert len(rows) == 4
+    assert len(rows) == 5
     md = (tmp_path / "tpu_cost.md").read_text()
     assert "| 4.00x |" in md and "| 2.00x |" in md and "| 3.00x |" not in md
+    assert "| 2.50x (vs before) |" in md
