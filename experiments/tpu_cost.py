@@ -846,6 +846,7 @@ class Estimate:
     pallas_cycles: float
     by_region: dict[str, float]
     by_class: dict[str, float]
+    by_region_class: dict[str, dict[str, float]]
     by_cost_model: dict[str, float]
     loops: list[dict[str, Any]]
     async_bytes: dict[str, int]
@@ -890,9 +891,11 @@ def estimate_module(module: Module, chip: str = "v5e") -> Estimate:
     by_region: Counter = Counter()
     by_class: Counter = Counter()
     by_cmt: Counter = Counter()
+    by_region_class: dict[str, Counter] = {}
     for (lp, cls, cmt), c in acc.cycles.items():
         excl[lp] += c
         by_region[region(lp)] += c
+        by_region_class.setdefault(region(lp), Counter())[cls] += c
         by_class[cls] += c
         by_cmt[cmt] += c
     pallas_total = 0.0
@@ -901,6 +904,7 @@ def estimate_module(module: Module, chip: str = "v5e") -> Estimate:
     for (lp, name, costed), c in acc.pallas.items():
         excl[lp] += c
         by_region[region(lp)] += c
+        by_region_class.setdefault(region(lp), Counter())["pallas"] += c
         by_class["pallas"] += c
         by_cmt["PALLAS_COST_ESTIMATE"] += c
         pallas_total += c
@@ -949,6 +953,7 @@ def estimate_module(module: Module, chip: str = "v5e") -> Estimate:
         pallas_cycles=pallas_total,
         by_region=dict(by_region),
         by_class=dict(by_class),
+        by_region_class={k: dict(v) for k, v in by_region_class.items()},
         by_cost_model=dict(by_cmt),
         loops=loops,
         async_bytes={k: int(v) for k, v in async_by_op.items()},
@@ -1290,6 +1295,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 )
             lines.append("")
         extra = []
+        split = r.get("by_region_class", {})
+        if len(split) > 1:
+            extra.append(
+                "Classes within each region (share of the row's total): "
+                + "; ".join(
+                    f"{short}: "
+                    + ", ".join(
+                        f"{c} {_pct(v, r['total_cycles'])}"
+                        for c, v in sorted(split[k].items(), key=lambda kv: -kv[1])
+                        if v >= 0.005 * r["total_cycles"]
+                    )
+                    for k, short in REGIONS
+                    if k in split
+                )
+                + "."
+            )
         if r["pallas"]:
             extra.append(
                 "Pallas: "
