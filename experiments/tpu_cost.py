@@ -1452,9 +1452,18 @@ def main(argv: list[str] | None = None) -> None:
                 done(estimate_layer(shape, block, args.topology, out))
     else:
         points = [p for p in args.models.split(",") if p] or [None]
+        failed = []
         for point in points:
             out = None if hlo_dir is None else hlo_dir / f"{args.label}_{point}.hlo.txt"
-            done(estimate_train_step(args.preset, point, args.topology, args.overrides, out))
+            try:
+                done(estimate_train_step(args.preset, point, args.topology, args.overrides, out))
+            except Exception as err:  # e.g. XLA:TPU out of HBM: report it, go on with the rest
+                failed.append(point)
+                print(f"{args.label} train-step {point}: FAILED {str(err)[:400]}", flush=True)
+        if failed:
+            sys.exit(
+                f"train steps that did not compile: {failed} (see above; try --set microbatches=N)"
+            )
 
 
 if __name__ == "__main__":
