@@ -410,6 +410,12 @@ class Evaluator:
             return t[idx] if isinstance(t, tuple) and idx < len(t) else None
         if op == "tuple":
             return tuple(self.value(o) for o in ins.operands)
+        if op == "copy-start":  # (destination, source, context): the value moves unchanged
+            v = self.value(ins.operands[0])
+            return (v, v, None)
+        if op == "copy-done":
+            t = self.value(ins.operands[0])
+            return t[0] if isinstance(t, tuple) else None
         at = _array_type(shape)
         if at is None:
             return None

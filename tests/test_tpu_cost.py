@@ -13,7 +13,7 @@ from experiments import tpu_cost
 
 # A hand-written module with a known answer (cycles in the backend configs):
 #   entry: fusion 1000 (matmul), copy-start of f32[256,256] (256 KiB, uncosted)
-#   outer while i = 0..4 (5 trips): body fusion 10 (vector) + inner while j = 0..i (i+1 trips)
+#   outer while i = 0..4 (5 trips; the bound 5 rides in the state through an async copy): body fusion 10 (vector) + inner while j = 0..i (i+1 trips)
 #   with body fusion 7; the inner condition compares j with the outer counter passed in its state.
 #   conditional on a constant true predicate: true branch 50, false branch 5000 (not taken).
 #   tpu_custom_call with CostEstimate flops=197e9 -> 1 ms at v5e peak = clock/1000 cycles.
@@ -48,15 +48,18 @@ HLO = """HloModule hand
   ROOT %t = (s32[], s32[], f32[8]{0}) tuple(%j1, %bound, %y)
 }
 
-%outer_cond (s: (s32[], f32[8])) -> pred[] {
-  %s = (s32[], f32[8]{0}) parameter(0)
+%outer_cond (s: (s32[], f32[8], s32[])) -> pred[] {
+  %s = (s32[], f32[8]{0}, s32[]) parameter(0)
   %i = s32[] get-tuple-element(%s), index=0
-  %five = s32[] constant(5)
-  ROOT %lt = pred[] compare(%i, %five), direction=LT
+  %n = s32[] get-tuple-element(%s), index=2
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
-%outer_body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
-  %s = (s32[], f32[8]{0}) parameter(0)
+%outer_body (s: (s32[], f32[8], s32[])) -> (s32[], f32[8], s32[]) {
+  %s = (s32[], f32[8]{0}, s32[]) parameter(0)
+  %n = s32[] get-tuple-element(%s), index=2
+  %ncs = (s32[], s32[], u32[]) copy-start(%n)
+  %ncd = s32[] copy-done(%ncs)
   %i = s32[] get-tuple-element(%s), index=0
   %x = f32[8]{0} get-tuple-element(%s), index=1
   %one = s32[] constant(1)
@@ -66,7 +69,7 @@ HLO = """HloModule hand
   %init = (s32[], s32[], f32[8]{0}) tuple(%zero, %i1, %y)
   %w_inner = (s32[], s32[], f32[8]{0}) while(%init), condition=%inner_cond, body=%inner_body
   %z = f32[8]{0} get-tuple-element(%w_inner), index=2
-  ROOT %t = (s32[], f32[8]{0}) tuple(%i1, %z)
+  ROOT %t = (s32[], f32[8]{0}, s32[]) tuple(%i1, %z, %ncd)
 }
 
 %br_true (a: f32[8]) -> f32[8] {
@@ -88,8 +91,9 @@ ENTRY %main (a: bf16[128,128], b: bf16[128,128], v: f32[8], big: f32[256,256]) -
   %cs = (f32[256,256]{1,0}, f32[256,256]{1,0:S(1)}, u32[]) copy-start(%big)
   %cd = f32[256,256]{1,0:S(1)} copy-done(%cs)
   %zero = s32[] constant(0)
-  %init = (s32[], f32[8]{0}) tuple(%zero, %v)
-  %w = (s32[], f32[8]{0}) while(%init), condition=%outer_cond, body=%outer_body
+  %five = s32[] constant(5)
+  %init = (s32[], f32[8]{0}, s32[]) tuple(%zero, %v, %five)
+  %w = (s32[], f32[8]{0}, s32[]) while(%init), condition=%outer_cond, body=%outer_body
   %x = f32[8]{0} get-tuple-element(%w), index=1
   %p = pred[] constant(true)
   %c = f32[8]{0} conditional(%p, %x, %x), true_computation=%br_true, false_computation=%br_false
@@ -117,7 +121,7 @@ def test_hand_written_hlo_known_answer():
     assert outer["inclusive_cycles"] == 5 * 10 + inner_trips * 7
     assert est.by_class["matmul"] == 1000
     assert est.by_cost_model["COST_MODEL_TYPE_CLASSIC"] == 1000
-    assert est.async_bytes == {"copy-start": 256 * 256 * 4}
+    assert est.async_bytes == {"copy-start": 256 * 256 * 4 + 5 * 4}
     assert est.pallas[0]["has_cost_estimate"] and est.pallas[0]["calls"] == 1
 
 
