@@ -32,7 +32,8 @@ Commands that wrote results/tpu_cost.{json,md} (see the .md for each row's exact
     JAX_PLATFORMS=cpu python -m experiments.tpu_cost --layer --batch 16 --seq-len 512 \
         --d-model 1024 --n-heads 16 --ff 4096 --leaf 32 128 --label before
     JAX_PLATFORMS=cpu python -m experiments.tpu_cost --train-step --preset paper-150m \
-        --models transformer-12L,recurrent-12L --label before
+        --models transformer-12L,recurrent-12L --set data.batch_size=16 --set microbatches=2 \
+        --label before
 """
 
 from __future__ import annotations
@@ -1001,7 +1002,7 @@ def tpu_devices(topology: str) -> list[Any]:
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-    """One layer's shape and implementation for ``compile_layer``."""
+    """One layer's shape and implementation for ``estimate_layer``."""
 
     batch: int = 16
     seq_len: int = 512
