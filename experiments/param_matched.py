@@ -154,8 +154,8 @@ DISPLAY_NAMES = {
 SAME_SHAPE_FAMILIES = {
     "transformer": ("transformer", ""),
     "recurrent": ("recurrent", ""),
-    "lrt-shared": ("transformer", "memory=shared"),
-    "lrt-layerwise": ("transformer", "memory=layerwise"),
+    "lrt-shared": ("transformer", "memory.kind=shared"),
+    "lrt-layerwise": ("transformer", "memory.kind=layerwise"),
 }
 """Families ``--models`` can add to any preset at the shape of its first point: block type and
 ModelPoint options."""
