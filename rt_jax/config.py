@@ -364,9 +364,11 @@ class ModelConfig:
         for name, cls in SECTIONS.items():
             section = getattr(self, name)
             if not isinstance(section, cls):
+                first = dataclasses.fields(cls)[0].name
                 raise ValueError(
                     f"ModelConfig.{name}={section!r}: expected a {cls.__name__}, e.g. "
-                    f"{name}={cls.__name__}(...); the old flat spellings map as {FLAT_FIELDS}"
+                    f"{name}={cls.__name__}({first}={section!r}) (old flat fields moved into "
+                    f"sections: {FLAT_FIELDS})"
                 )
             section.check_model(self)
         if self.memory.enabled and self.loop.enabled:
