@@ -1,29 +1,6 @@
-"""Device peaks and MFU; the analytic model FLOPs (re-exported here) live in rt_jax.models.flops.
-
-What is counted (2 FLOPs per multiply-add, matmuls only; norms, softmax, GELU, residual adds and the
-optimizer are left out, as in the usual 6N-style accounting):
-
-* per layer and token, forward, with D = d_model, F = mlp_hidden, H query heads, G kv heads,
-  K head dim, Q = H*K, C = G*K:
-    - ``q_proj``      2*D*Q
-    - ``kv_proj``     2*D*2C           (keys and values from the layer input; RT: the temporary pair)
-    - ``attn_logits`` 2*H*K*P          (P = keys per query, see below)
-    - ``attn_values`` 2*H*K*P
-    - ``out_proj``    2*Q*D
-    - ``mlp``         2*2*D*F
-    - ``kv_persistent`` 2*D*2C, **Recurrent Transformer only**: the persistent (k, v) of the layer
-      output z_t, computed once per position (the Transformer has no such matmul).
-* attention pairs: the causal half only. Position t (0-based) attends to t + 1 keys (the
-  Transformer: keys 0..t; RT: persistent keys 0..t-1 plus its temporary self key), so the mean over
-  a sequence of N positions is P = (N + 1) / 2 keys per query, identical for both block types.
-  Implementations that compute the masked upper triangle do more work than this; that is not
-  counted (model FLOPs, not hardware FLOPs).
-* head: 2*D*E per token with E = embedding_size (the padded rows are multiplied too); the
-  embedding lookup is a gather and counts 0.
-* training: 3x forward (the backward of every matmul costs two forward matmuls: input and weight
-  gradients). Recomputation (RT's built-in rematerialisation, ``remat``) is not counted, so MFU is
-  model-FLOPs utilisation.
-"""
+"""Device peaks, HBM sizes and MFU. The analytic model FLOP formulas (matmuls only, causal
+attention, 3x forward for training; conventions in ``rt_jax.models.flops``) live with the models,
+which need them, and are re-exported here."""
 
 from __future__ import annotations
 
