@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rt_jax.data import build_tokenizer, make_iterator
+from rt_jax.models.family import get_family
 from rt_jax.train.checkpoint import CONFIG_FILE, Checkpointer
 from rt_jax.train.config import TrainConfig, load_config, save_config
 from rt_jax.train.metrics import (
@@ -193,6 +194,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     workdir = pathlib.Path(workdir)
     maybe_initialize_distributed(cfg)
     check_vocab(cfg)
+    get_family(cfg.model).validate(cfg.model, cfg.data.seq_len)
     mesh = make_mesh(cfg.mesh)
     ts = build_train_step(cfg, mesh)
     check_run_dir(cfg, workdir)
