@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--impls", default=",".join(LAYER_IMPLS), help=f"subset of {LAYER_IMPLS}")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per layer")
     ap.add_argument("--preset", default="paper-150m")
-    ap.add_argument("--points", default="transformer-12L,recurrent-12L")
+    ap.add_argument("--points", default=None, help="default transformer-12L,recurrent-12L")
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--max-microbatches", type=int, default=64)
     ap.add_argument("--memory-fraction", type=float, default=0.9, help="of the device's memory")
@@ -87,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
     if args.dry_run:  # tiny shapes on CPU; the paper preset would take hours here
         args.batch, args.seq_lens, args.d_model, args.heads, args.mlp = 2, [16], 32, 2, 64
-        args.preset, args.points, args.reps = "tiny", "transformer-2L,recurrent-2L", 2
-        args.train_steps = 1
-    args.points = [p for p in args.points.split(",") if p]
+        args.preset, args.reps, args.train_steps = "tiny", 2, 1
+        args.points = args.points or "transformer-2L,recurrent-2L"
+    args.points = [p for p in (args.points or "transformer-12L,recurrent-12L").split(",") if p]
     return args
 
 
@@ -297,12 +297,26 @@ def _device_memory(device: Any) -> int | None:
     return int(limit) if limit else None
 
 
+def fit_microbatches(
+    start: int, upper: int, cap: float | None, compile_at: Any, deadline: float
+) -> tuple[tuple[int, Any, Any] | None, list[dict[str, Any]]]:
+    """The fewest microbatches (start, 2 start, ... <= upper) whose program compiles within
+    ``cap`` bytes (None = no limit known): ((micro, compiled, step) or None, what was tried).
+    ``compile_at(micro)`` returns (compiled or None, step, info with total_bytes or error)."""
+    tried: list[dict[str, Any]] = []
+    micro = start
+    while micro <= upper and time.perf_counter() <= deadline:
+        compiled, step, info = compile_at(micro)
+        tried.append({"microbatches": micro, **info})
+        if compiled is not None and (cap is None or info["total_bytes"] <= cap):
+            return (micro, compiled, step), tried
+        micro *= 2
+    return None, tried
+
+
 def time_train_step(args: argparse.Namespace, point: str, device: Any, deadline: float) -> dict:
     """Tokens/s of one preset point's train step on one device, at the fewest microbatches
     (from the preset's, doubling) whose compiled memory fits ``memory_fraction`` of the device."""
-    import jax
-    import numpy as np
-
     from rt_jax.train.config import apply_overrides, get_preset, with_point
     from rt_jax.train.sharding import make_mesh
     from rt_jax.train.step import build_train_step
@@ -320,38 +334,48 @@ def time_train_step(args: argparse.Namespace, point: str, device: Any, deadline:
     row.update(block_type=cfg.model.block_type, impl=cfg.model.impl, attention=cfg.model.attention,
                layers=cfg.model.n_layers, batch_size=cfg.data.batch_size,
                seq_len=cfg.data.seq_len, device_memory_bytes=limit)  # fmt: skip
-    micro, tried = cfg.microbatches, []
-    while True:
-        if time.perf_counter() > deadline:
-            row["error"] = f"skipped: out of the time budget (tried microbatches {tried})"
-            return row
+
+    def compile_at(micro: int) -> tuple[Any, Any, dict[str, Any]]:
         cfg_m = apply_overrides(cfg, [f"microbatches={micro}"])
-        mesh = make_mesh(cfg_m.mesh, [device])
-        step = build_train_step(cfg_m, mesh)
+        step = build_train_step(cfg_m, make_mesh(cfg_m.mesh, [device]))
         t0 = time.perf_counter()
         try:
             compiled = step.step.lower(step.abstract_state, step.batch_spec).compile()
-        except Exception as e:
-            compiled, error = None, f"{type(e).__name__}: {str(e)[:500]}"
-        compile_s = time.perf_counter() - t0
-        total = None
-        if compiled is not None:
-            mem = compiled.memory_analysis()
-            total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes)  # fmt: skip
-            fits = limit is None or total <= args.memory_fraction * limit
-        else:
-            fits = False
-        tried.append({"microbatches": micro, "total_bytes": total, "compile_s": round(compile_s, 1),
-                      **({} if compiled is not None else {"error": error})})  # fmt: skip
-        if fits:
-            break
-        if micro * 2 > min(args.max_microbatches, cfg.data.batch_size):
-            row["error"] = f"no microbatching up to {micro} fits: {tried[-1]}"
-            row["tried"] = tried
-            return row
-        micro *= 2
-    row.update(microbatches=micro, total_bytes=total, compile_s=round(compile_s, 1), tried=tried)
+        except Exception as e:  # e.g. out of memory at compile time: try more microbatches
+            return None, step, {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        mem = compiled.memory_analysis()
+        total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes)  # fmt: skip
+        return (
+            compiled,
+            step,
+            {"total_bytes": total, "compile_s": round(time.perf_counter() - t0, 1)},
+        )
+
+    cap = None if limit is None else args.memory_fraction * limit
+    upper = min(args.max_microbatches, cfg.data.batch_size)
+    found, tried = fit_microbatches(cfg.microbatches, upper, cap, compile_at, deadline)
+    row["tried"] = tried
+    if found is None:
+        row["error"] = f"no microbatching up to {tried[-1]['microbatches'] if tried else '-'} fits"
+        if time.perf_counter() > deadline:
+            row["error"] += " (stopped: out of the time budget)"
+        return row
+    micro, compiled, step = found
+    total, compile_s = tried[-1]["total_bytes"], tried[-1]["compile_s"]
+    row.update(microbatches=micro, total_bytes=total, compile_s=compile_s)
+    try:
+        row.update(_run_steps(compiled, step, cfg, args.train_steps))
+    except Exception as e:  # e.g. out of memory at run time despite the compiled estimate
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    return row
+
+
+def _run_steps(compiled: Any, step: Any, cfg: Any, steps: int) -> dict[str, Any]:
+    """One warm-up step, then ``steps`` timed steps on fixed random tokens."""
+    import jax
+    import numpy as np
+
     state = step.init()
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, size=(cfg.data.batch_size, cfg.data.seq_len + 1))
@@ -359,15 +383,14 @@ def time_train_step(args: argparse.Namespace, point: str, device: Any, deadline:
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
-    for _ in range(args.train_steps):
+    for _ in range(steps):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - t0
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    row.update(steps=args.train_steps, step_s=round(elapsed / args.train_steps, 4),
-               tokens_per_s=round(tokens_per_step * args.train_steps / elapsed, 1),
-               loss=float(metrics["loss"]))  # fmt: skip
-    return row
+    return {"steps": steps, "step_s": round(elapsed / steps, 4),
+            "tokens_per_s": round(tokens_per_step * steps / elapsed, 1),
+            "loss": float(metrics["loss"])}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,22 +49,32 @@ def test_dry_run_writes_results(tmp_path):
         assert "error" not in row, row
         assert row["fwdbwd_ms"] > 0 and row["reps"] == 2 and row["seq_len"] == 16
     train = {r["point"]: r for r in data["train"]}
-    assert set(train) == {"transformer-2L", "recurrent-2L"}
+    assert set(train) == {"transformer-2L"}
     for row in train.values():
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0 and row["microbatches"] >= 1 and row["total_bytes"] > 0
         assert row["tokens_per_s"] == pytest.approx(8 * 32 / row["step_s"], rel=0.01)
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "DRY RUN" in md and "| rt-tiled | 2 | 16 | 32 |" in md and "recurrent-2L" in md
+    assert (
+        "DRY RUN" in md and "| rt-tiled | 2 | 16 | 32 |" in md and "| tiny | transformer-2L |" in md
+    )
 
 
-def test_train_step_raises_microbatches_until_it_fits(monkeypatch):
-    """With a tiny device memory the search doubles the microbatches and reports what it tried."""
-    import jax
+def test_microbatch_search_doubles_until_it_fits():
+    """The fewest microbatches whose compiled memory fits: doubling, compile errors skipped."""
+    sizes = {1: None, 2: 300, 4: 150, 8: 80}  # None: the compile failed
 
-    args = gpu_check.parse_args(["--dry-run", "--max-microbatches", "2"])
-    monkeypatch.setattr(gpu_check, "_device_memory", lambda device: 1)  # 1 byte: nothing fits
-    row = gpu_check.time_train_step(args, "transformer-2L", jax.devices()[0], float("inf"))
-    assert row["error"].startswith("no microbatching up to 2 fits")
-    assert [t["microbatches"] for t in row["tried"]] == [1, 2]
-    assert all(t["total_bytes"] > 1 for t in row["tried"])
+    def compile_at(micro):
+        total = sizes[micro]
+        if total is None:
+            return None, "step", {"error": "RESOURCE_EXHAUSTED"}
+        return f"compiled-{micro}", "step", {"total_bytes": total, "compile_s": 0.1}
+
+    found, tried = gpu_check.fit_microbatches(1, 8, 200.0, compile_at, float("inf"))
+    assert found == (4, "compiled-4", "step")
+    assert [t["microbatches"] for t in tried] == [1, 2, 4] and "error" in tried[0]
+    found, tried = gpu_check.fit_microbatches(1, 8, 10.0, compile_at, float("inf"))
+    assert found is None and [t["microbatches"] for t in tried] == [1, 2, 4, 8]
+    found, _ = gpu_check.fit_microbatches(2, 8, None, compile_at, float("inf"))
+    assert found[0] == 2  # no known device memory: the first that compiles
+    assert gpu_check.fit_microbatches(1, 8, None, compile_at, 0.0) == (None, [])  # out of time
