@@ -37,9 +37,8 @@ def _flat(tree: PyTree) -> dict[str, tuple[tuple[int, ...], Any]]:
 def check_compatible(params: PyTree, source: ModelConfig, target: ModelConfig) -> None:
     """ValueError unless ``params`` (of ``source``) have ``target``'s tree and shapes and the
     two configs agree on the shape-free fields that change the computation."""
-    want = {
-        k: s for k, (s, _) in _flat(jax.eval_shape(init_params, target, jax.random.key(0))).items()
-    }
+    abstract = jax.eval_shape(lambda key: init_params(target, key), jax.random.key(0))
+    want = {k: s for k, (s, _) in _flat(abstract).items()}
     got = {k: s for k, (s, _) in _flat(params).items()}
     problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
     problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
