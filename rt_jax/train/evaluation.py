@@ -45,6 +45,17 @@ from rt_jax.train.config import apply_overrides, get_preset
 
 PyTree = Any
 
+_MESH_TASKS = (
+    "lambada_openai",
+    "lambada_standard",
+    "piqa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "sciq",
+    "mmlu_continuation",
+)
 SUITES: dict[str, dict[str, Any]] = {
     "rt": {
         "tasks": [
@@ -65,33 +76,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "YAML; the tasks and numbers of the paper's App. E.4 are not known",
     },
     "mesh-0shot": {
-        "tasks": [
-            "lambada_openai",
-            "lambada_standard",
-            "piqa",
-            "hellaswag",
-            "winogrande",
-            "arc_easy",
-            "arc_challenge",
-            "sciq",
-            "mmlu_continuation",
-        ],
+        "tasks": list(_MESH_TASKS),
         "num_fewshot": 0,
         "source": "MeSH App. B: 9 lm-eval tasks, 0-shot (acc_norm for PIQA, HellaSwag, ARC-E, "
         "ARC-C, SciQ; acc for LAMBADA, WinoGrande, cMMLU)",
     },
     "mesh-5shot": {
-        "tasks": [
-            "lambada_openai",
-            "lambada_standard",
-            "piqa",
-            "hellaswag",
-            "winogrande",
-            "arc_easy",
-            "arc_challenge",
-            "sciq",
-            "mmlu_continuation",
-        ],
+        "tasks": list(_MESH_TASKS),
         "num_fewshot": 5,
         "source": "MeSH App. B: the same 9 tasks, 5-shot",
     },
