@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks")
     p.add_argument("--suite", default=None, choices=sorted(SUITES), help="a paper's tasks")
     p.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
+    p.add_argument(
+        "--no-default-tasks",
+        action="store_true",
+        help="only the --include-path tasks (skips indexing lm-eval's own, which takes a while)",
+    )
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="examples per task (or fraction)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -99,7 +104,11 @@ def run(args: argparse.Namespace) -> dict:
             max_length=args.max_length or loaded.max_length or loaded.data.seq_len,
             seed=args.seed,
         )
-        manager = TaskManager(include_path=args.include_path)
+        if args.no_default_tasks and not args.include_path:
+            raise ValueError("--no-default-tasks needs --include-path (the tasks to run)")
+        manager = TaskManager(
+            include_path=args.include_path, include_defaults=not args.no_default_tasks
+        )
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
