@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean gpu-check
 
 # libtpu is installed for ahead-of-time TPU compiles; these targets run on the CPU.
 export JAX_PLATFORMS ?= cpu
@@ -26,6 +26,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# On a GPU machine, with its own Python and JAX (CUDA plugin), no venv and no network; not part of
+# `make test`. Writes results/gpu_check.{json,md}; fails fast if no GPU is visible.
+GPU_PYTHON ?= python3
+gpu-check:
+	JAX_PLATFORMS= PYTHONPATH=. timeout 480 $(GPU_PYTHON) -m experiments.gpu_check $(GPU_CHECK_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff format .

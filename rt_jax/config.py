@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Any
 
-from rt_jax.ops.block import DTYPES, POSITION_KINDS, AttentionSpec
+from rt_jax.ops.block import ATTENTIONS, DTYPES, POSITION_KINDS, AttentionSpec
 
 BLOCK_TYPES = ("transformer", "recurrent")
 IMPLS = ("reference", "tiled", "pallas")
@@ -298,6 +298,9 @@ class ModelConfig:
     ``embed_scale`` multiplies the token embeddings by sqrt(d_model) (recursive models only, for
     now). Family sections: ``memory`` (LRT, ``MemoryConfig``) and ``loop`` (recursive / MeSH,
     ``LoopConfig``); at most one of them is enabled.
+    ``attention`` is how Transformer blocks (and LRT buffers) attend: ``xla`` (einsums, the
+    N x N logits in HBM) or ``flash`` (the platform's fused kernel: Pallas flash attention on
+    TPU, cuDNN on GPU; ``interpret=True`` runs the TPU kernel on CPU; see docs/attention.md).
     """
 
     vocab_size: int = 256
@@ -314,6 +317,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     compute_dtype: str = "float32"
+    attention: str = "xla"
     leaf_size: int = 32
     interpret: bool = False
     remat: bool = False
@@ -359,6 +363,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.position={self.position!r}: expected {POSITION_KINDS}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r}: expected {DTYPES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected {ATTENTIONS}")
+        if self.attention == "flash" and self.compute_dtype == "float64":
+            raise ValueError(
+                "ModelConfig.attention='flash' has no float64 kernel: set attention='xla' or "
+                "compute_dtype='float32'/'bfloat16'"
+            )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim; d_model/n_heads = {self.head_dim}")
         for name, cls in SECTIONS.items():
@@ -413,6 +424,8 @@ class ModelConfig:
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             compute_dtype=self.compute_dtype,
+            attention=self.attention,
+            interpret=self.interpret,
         )
 
     def block_params(self) -> int:
