@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from rt_jax.train.config import apply_overrides, get_preset
 from rt_jax.train.loop import train
@@ -31,12 +32,13 @@ def _losses(run_dir):
     )
 
 
+@pytest.mark.slow  # two extra processes compile the train step: about a CPU-minute
 def test_two_processes_match_one(tmp_path):
     port = _free_port()
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
     }
     procs = []
     for pid in range(2):
