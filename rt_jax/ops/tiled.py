@@ -179,6 +179,13 @@ def _self_state(q: jax.Array, k_tmp: jax.Array, v_tmp: jax.Array, spec: Attentio
     return acc.reshape(b, n, h, kd), self_logit.reshape(b, n, h), jnp.ones((b, n, h), acc_dt)
 
 
+def _alibi_bias(spec: AttentionSpec, dist: jax.Array, acc_dt) -> jax.Array:
+    """-slope_h * dist as G x R x (dist's shape), float32/64."""
+    slopes = alibi_slopes(spec.n_heads, spec.alibi_bias_max).astype(acc_dt)
+    slopes = slopes.reshape((spec.n_kv_heads, spec.group_size) + (1,) * dist.ndim)
+    return -slopes * dist.astype(acc_dt)
+
+
 def _local_logits(
     q_BxHxK: jax.Array, k_BxGxLxK: jax.Array, p: jax.Array, spec: AttentionSpec
 ) -> jax.Array:
@@ -190,9 +197,7 @@ def _local_logits(
     logits = jnp.einsum("bgrk,bgsk->bgrs", qg, k_BxGxLxK, preferred_element_type=acc_dt)
     s = jnp.arange(leaf)
     if spec.position == "alibi":
-        slopes = alibi_slopes(spec.n_heads, spec.alibi_bias_max).astype(acc_dt)
-        dist = (p - s).astype(acc_dt)
-        logits = logits - slopes.reshape(1, spec.n_kv_heads, spec.group_size, 1) * dist
+        logits = logits + _alibi_bias(spec, p - s, acc_dt)
     logits = jnp.where(s < p, logits, -jnp.inf)
     return logits.reshape(b, h, leaf)
 
@@ -236,36 +241,38 @@ def _forward(
     n = n_pos // leaf
     pos = jnp.arange(n_pos)
     acc_dt = _acc_dtype(x_BxNxD.dtype)
+    g, r, kd = spec.n_kv_heads, spec.group_size, spec.head_dim
     q, k_tmp, v_tmp = pre_attention(params, x_BxNxD, pos, spec)
     acc0, max0, den0 = _self_state(q, k_tmp, v_tmp, spec)
     q_l = _to_leaves_hm(q, n, leaf)
     state0 = SoftmaxState(
         _to_leaves_hm(acc0, n, leaf), _to_leaves_hm(max0, n, leaf), _to_leaves_hm(den0, n, leaf)
     )
-    g, kd = spec.n_kv_heads, spec.head_dim
     kbuf0 = jnp.zeros((n, b, g, leaf, kd), spec.dtype)
-    x_l = _to_leaves_pm(x_BxNxD, n, leaf)
+    xs = (jnp.arange(n), _to_leaves_pm(x_BxNxD, n, leaf), _to_leaves_pm(q, n, leaf))
 
-    def leaf_step(carry, xs):
+    def leaf_step(carry, xs_i):
         state, k_l, v_l = carry
-        i, x_leaf = xs
-        q_pm = _hm_leaf_to_pm(q_l[i])
-        st_pm = (
-            _hm_leaf_to_pm(state.acc[i]),
-            _hm_leaf_to_pm(state.max[i]),
-            _hm_leaf_to_pm(state.den[i]),
-        )
+        i, x_leaf, q_leaf = xs_i
+        st_pm = tuple(_hm_leaf_to_pm(a[i]) for a in state)
 
         def position_step(kv_leaf, ys):
+            # Pull: query t reads its leaf's key/value buffer (compute dtype, one row written
+            # per step); its own state is O(1) vectors.
             k_leaf, v_leaf = kv_leaf
             p, x_t, q_t, acc_t, max_t, den_t = ys
             logits = _local_logits(q_t, k_leaf, p, spec)
             new_max = jnp.maximum(max_t, logits.max(axis=-1))
             rescale = jnp.exp(max_t - new_max)
-            prob = jnp.exp(logits - new_max[..., None]).reshape(b, g, spec.group_size, leaf)
-            pv = jnp.einsum("bgrs,bgsk->bgrk", prob, v_leaf.astype(acc_dt)).reshape(acc_t.shape)
-            acc = acc_t * rescale[..., None] + pv
-            den = den_t * rescale + prob.reshape(den_t.shape + (leaf,)).sum(axis=-1)
+            prob = jnp.exp(logits - new_max[..., None])
+            pv = jnp.einsum(
+                "bgrs,bgsk->bgrk",
+                prob.reshape(b, g, r, leaf).astype(v_leaf.dtype),
+                v_leaf,
+                preferred_element_type=acc_dt,
+            )
+            acc = acc_t * rescale[..., None] + pv.reshape(acc_t.shape)
+            den = den_t * rescale + prob.sum(axis=-1)
             att = (acc / den[..., None]).astype(spec.dtype)[:, None]
             z_t = post_attention(params, x_t[:, None], att, spec)
             k_t, v_t = kv_projection(params, z_t, (i * leaf + p)[None], spec)
@@ -276,7 +283,7 @@ def _forward(
         (k_leaf, v_leaf), (z_leaf, lse_leaf) = jax.lax.scan(
             position_step,
             (kbuf0[0], kbuf0[0]),
-            (jnp.arange(leaf), x_leaf, q_pm) + st_pm,
+            (jnp.arange(leaf), x_leaf, q_leaf) + st_pm,
             unroll=min(_INNER_UNROLL, leaf),
         )
         k_l = k_l.at[i].set(k_leaf)
@@ -291,7 +298,7 @@ def _forward(
             )
         return (state, k_l, v_l), (z_leaf, lse_leaf)
 
-    _, (z_l, lse_l) = jax.lax.scan(leaf_step, (state0, kbuf0, kbuf0), (jnp.arange(n), x_l))
+    _, (z_l, lse_l) = jax.lax.scan(leaf_step, (state0, kbuf0, kbuf0), xs)
     return _from_leaves_pm(z_l), _from_leaves_pm(lse_l)
 
 
@@ -313,7 +320,149 @@ def _forward_padded(
     return z[:, :n_real], lse[:, :n_real]
 
 
+# ----------------------------------------------------------------------------- causal pass
+def _level_halves(a_nxBxXxL_: jax.Array, t: int, fill: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Fenwick level t: leaves in chunks of 2t; (first halves, second halves), each C x t x B x ...
+
+    Padded leaves (past n) hold ``fill``; they only ever sit in second halves whose first half is
+    real, or in chunks that are wholly padding, so they never reach a real query.
+    """
+    n = a_nxBxXxL_.shape[0]
+    c = -(-n // (2 * t))
+    widths = [(0, c * 2 * t - n)] + [(0, 0)] * (a_nxBxXxL_.ndim - 1)
+    a = jnp.pad(a_nxBxXxL_, widths, constant_values=fill)
+    a = a.reshape((c, 2, t) + a.shape[1:])
+    return a[:, 0], a[:, 1]
+
+
+def _chunk_block(a_CxTxBxXxL_: jax.Array) -> jax.Array:
+    """C x t x B x X x L (x K) -> (C B) x X x (t L) (x K): one tile row block per chunk."""
+    c, t, b, x, leaf, *rest = a_CxTxBxXxL_.shape
+    a = jnp.moveaxis(a_CxTxBxXxL_, 1, 3)  # C x B x X x t x L
+    return a.reshape(c * b, x, t * leaf, *rest)
+
+
+def _unchunk_block(a_CBxXxM_: jax.Array, c: int, t: int) -> jax.Array:
+    """Inverse of ``_chunk_block``."""
+    cb, x, m, *rest = a_CBxXxM_.shape
+    a = a_CBxXxM_.reshape(c, cb // c, x, t, m // t, *rest)
+    return jnp.moveaxis(a, 3, 1)
+
+
+def _key_leaves(a_CxTxBxGxLxK: jax.Array) -> jax.Array:
+    """C x t x B x G x L x K -> t x (C B) x G x L x K: the scan runs over the t key leaves."""
+    c, t, b, *rest = a_CxTxBxGxLxK.shape
+    return jnp.moveaxis(a_CxTxBxGxLxK, 1, 0).reshape(t, c * b, *rest)
+
+
+def _levels(n: int) -> list[int]:
+    """Fenwick block sizes 1, 2, 4, ... < n (leaves)."""
+    return [1 << lvl for lvl in range((n - 1).bit_length())] if n > 1 else []
+
+
+def _causal_merge(
+    tile_ops: TileOps,
+    spec: AttentionSpec,
+    leaf: int,
+    q_l: jax.Array,
+    k_l: jax.Array,
+    v_l: jax.Array,
+    state: SoftmaxState,
+) -> SoftmaxState:
+    """Every strictly causal cross-leaf pair merged into the query states, in one pass.
+
+    Grouped by Fenwick level t: in chunks of 2t leaves the second half's queries meet the first
+    half's keys, one key leaf at a time (t calls of ``tile_ops.merge``, each batched over every
+    chunk: (C B) x H x (t L) queries against (C B) x G x L keys). Each cross-leaf pair once.
+    """
+    n = q_l.shape[0]
+    for t in _levels(n):
+        _, q_h = _level_halves(q_l, t)
+        c = q_h.shape[0]
+        k_h, _ = _level_halves(k_l, t)
+        v_h, _ = _level_halves(v_l, t)
+        halves = [_level_halves(a, t) for a in state]
+        st = SoftmaxState(*(_chunk_block(h2) for _, h2 in halves))
+        q_blk = _chunk_block(q_h)
+        q_pos = t * leaf + jnp.arange(t * leaf)  # positions relative to the chunk's start
+
+        def per_key_leaf(st, kv, q_blk=q_blk, q_pos=q_pos):
+            s, k_s, v_s = kv
+            return tile_ops.merge(
+                q_blk, k_s, v_s, st, q_pos, s * leaf + jnp.arange(leaf), spec
+            ), None
+
+        st, _ = jax.lax.scan(per_key_leaf, st, (jnp.arange(t), _key_leaves(k_h), _key_leaves(v_h)))
+        new = []
+        for (h1, _), a in zip(halves, st, strict=True):
+            full = jnp.stack([h1, _unchunk_block(a, c, t).astype(h1.dtype)], axis=1)
+            new.append(full.reshape((c * 2 * t,) + h1.shape[2:])[:n])
+        state = SoftmaxState(*new)
+    return state
+
+
+def _causal_dq(
+    tile_ops: TileOps,
+    spec: AttentionSpec,
+    leaf: int,
+    tensors: tuple[jax.Array, ...],
+) -> jax.Array:
+    """dq (n x B x H x L x K) of every strictly causal cross-leaf pair, in one pass (as above)."""
+    q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
+    n = q_l.shape[0]
+    dq_l = jnp.zeros(g_l.shape, delta_l.dtype)
+    for t in _levels(n):
+        q_blk, g_blk, delta_blk = (
+            _chunk_block(_level_halves(a, t)[1]) for a in (q_l, g_l, delta_l)
+        )
+        lse_blk = _chunk_block(_level_halves(lse_l, t, jnp.inf)[1])
+        c = -(-n // (2 * t))
+        k_h, v_h = (_level_halves(a, t)[0] for a in (k_l, v_l))
+        q_pos = t * leaf + jnp.arange(t * leaf)
+
+        def per_key_leaf(dq, kv, blk=(q_blk, g_blk, lse_blk, delta_blk), q_pos=q_pos):
+            s, k_s, v_s = kv
+            qb, gb, lb, db = blk
+            dq_s, _, _ = tile_ops.grads(
+                qb, k_s, v_s, gb, lb, db, q_pos, s * leaf + jnp.arange(leaf), spec
+            )
+            return dq + dq_s.astype(dq.dtype), None
+
+        dq0 = jnp.zeros(q_blk.shape, delta_l.dtype)
+        dq, _ = jax.lax.scan(per_key_leaf, dq0, (jnp.arange(t), _key_leaves(k_h), _key_leaves(v_h)))
+        dq_pad = jnp.stack([jnp.zeros_like(_unchunk_block(dq, c, t)), _unchunk_block(dq, c, t)], 1)
+        dq_l = dq_l + dq_pad.reshape((c * 2 * t,) + dq_l.shape[1:])[:n]
+    return dq_l
+
+
 # ----------------------------------------------------------------------------- backward
+def _within_leaf_state(
+    q_l: jax.Array, k_l: jax.Array, v_l: jax.Array, state: SoftmaxState, spec: AttentionSpec
+) -> SoftmaxState:
+    """Merge every leaf's own earlier keys (s < t, L x L per leaf, all leaves at once)."""
+    n, b, h, leaf, kd = q_l.shape
+    g, r = spec.n_kv_heads, spec.group_size
+    acc_dt = state.acc.dtype
+    q6 = q_l.reshape(n, b, g, r, leaf, kd)
+    logits = jnp.einsum("nbgrtk,nbgsk->nbgrts", q6, k_l, preferred_element_type=acc_dt)
+    t_idx, s_idx = jnp.arange(leaf)[:, None], jnp.arange(leaf)[None, :]
+    if spec.position == "alibi":
+        logits = logits + _alibi_bias(spec, t_idx - s_idx, acc_dt)
+    logits = jnp.where(s_idx < t_idx, logits, -jnp.inf)
+    max_l = state.max.reshape(n, b, g, r, leaf)
+    new_max = jnp.maximum(max_l, logits.max(axis=-1))
+    rescale = jnp.exp(max_l - new_max)
+    prob = jnp.exp(logits - new_max[..., None])
+    pv = jnp.einsum(
+        "nbgrts,nbgsk->nbgrtk", prob.astype(v_l.dtype), v_l, preferred_element_type=acc_dt
+    )
+    acc = state.acc.reshape(n, b, g, r, leaf, kd) * rescale[..., None] + pv
+    den = state.den.reshape(n, b, g, r, leaf) * rescale + prob.sum(axis=-1)
+    return SoftmaxState(
+        acc.reshape(n, b, h, leaf, kd), new_max.reshape(n, b, h, leaf), den.reshape(n, b, h, leaf)
+    )
+
+
 def _recompute_attention(
     q_l: jax.Array,
     k_tmp: jax.Array,
@@ -325,42 +474,16 @@ def _recompute_attention(
     leaf: int,
     tile_ops: TileOps,
 ) -> jax.Array:
-    """Attention outputs n x B x H x L x K (float32/64) from the known persistent K, V."""
-    n, b, h, _, kd = q_l.shape
-    g, r = spec.n_kv_heads, spec.group_size
-    acc0, max0, den0 = _self_state(q, k_tmp, v_tmp, spec)
-    acc_dt = acc0.dtype
-    # Within-leaf pairs, all leaves at once (L x L per leaf).
-    q6 = q_l.reshape(n, b, g, r, leaf, kd)
-    logits = jnp.einsum("nbgrtk,nbgsk->nbgrts", q6, k_l, preferred_element_type=acc_dt)
-    t_idx, s_idx = jnp.arange(leaf)[:, None], jnp.arange(leaf)[None, :]
-    if spec.position == "alibi":
-        slopes = alibi_slopes(spec.n_heads, spec.alibi_bias_max).astype(acc_dt)
-        logits = logits - slopes.reshape(1, 1, g, r, 1, 1) * (t_idx - s_idx).astype(acc_dt)
-    logits = jnp.where(s_idx < t_idx, logits, -jnp.inf)
-    max_l = _to_leaves_hm(max0, n, leaf).reshape(n, b, g, r, leaf)
-    new_max = jnp.maximum(max_l, logits.max(axis=-1))
-    rescale = jnp.exp(max_l - new_max)
-    prob = jnp.exp(logits - new_max[..., None])
-    pv = jnp.einsum("nbgrts,nbgsk->nbgrtk", prob, v_l.astype(acc_dt))
-    acc = _to_leaves_hm(acc0, n, leaf).reshape(n, b, g, r, leaf, kd) * rescale[..., None] + pv
-    den = _to_leaves_hm(den0, n, leaf).reshape(n, b, g, r, leaf) * rescale + prob.sum(axis=-1)
-    state = SoftmaxState(
-        acc.reshape(n, b, h, leaf, kd), new_max.reshape(n, b, h, leaf), den.reshape(n, b, h, leaf)
-    )
+    """Attention outputs n x B x H x L x K (float32/64) from the known persistent K, V.
 
-    if tile_ops.block_calls:
-        # Cross-leaf pairs: the forward's Fenwick blocks, one call each.
-        def per_block(m, st):
-            return fenwick_block_merge(tile_ops, spec, leaf, q_l, k_l, v_l, st, m)
-
-        state = jax.lax.fori_loop(1, n, per_block, state)
-    else:
-        # Cross-leaf pairs: query leaf j meets key leaves [0, j), one tile at a time.
-        def per_query_leaf(j, st):
-            return _merge_leaf_tiles(tile_ops, spec, leaf, q_l, k_l, v_l, st, j, j + 1, 0, j)
-
-        state = jax.lax.fori_loop(1, n, per_query_leaf, state)
+    One causal pass after the forward is known: the state seeded with the temporary self term,
+    the within-leaf pairs batched over leaves, then every cross-leaf pair (``_causal_merge``).
+    """
+    n = q_l.shape[0]
+    leaf = q_l.shape[3]
+    state = SoftmaxState(*(_to_leaves_hm(a, n, leaf) for a in _self_state(q, k_tmp, v_tmp, spec)))
+    state = _within_leaf_state(q_l, k_l, v_l, state, spec)
+    state = _causal_merge(tile_ops, spec, leaf, q_l, k_l, v_l, state)
     return state.acc / state.den[..., None]
 
 
@@ -369,15 +492,19 @@ def _grad_leaf_tiles(
     spec: AttentionSpec,
     leaf: int,
     tensors: tuple[jax.Array, ...],
-    grads: tuple[jax.Array, jax.Array, jax.Array],
+    grads: tuple[jax.Array | None, jax.Array, jax.Array],
     q_lo: jax.Array,
     q_hi: jax.Array,
     k_lo: jax.Array,
     k_hi: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Accumulate (dq, dK, dV) of query leaves [q_lo, q_hi) x key leaves [k_lo, k_hi), tile by tile."""
+) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """Accumulate (dq, dK, dV) of query leaves [q_lo, q_hi) x key leaves [k_lo, k_hi), tile by tile.
+
+    With dq = None only dK, dV are accumulated (the tiles' dq is dead code).
+    """
     q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
     offs = jnp.arange(leaf)
+    with_dq = grads[0] is not None
 
     def per_key(s, acc):
         dq_l, dk_l, dv_l = acc
@@ -388,12 +515,70 @@ def _grad_leaf_tiles(
             dq, dk_j, dv_j = tile_ops.grads(
                 q_l[j], k_l[s], v_l[s], g_l[j], lse_l[j], delta_l[j], j * leaf + offs, k_pos, spec
             )
-            return dq_l.at[j].add(dq.astype(dq_l.dtype)), dk + dk_j, dv + dv_j
+            if with_dq:
+                dq_l = dq_l.at[j].add(dq.astype(dq_l.dtype))
+            return dq_l, dk + dk_j, dv + dv_j
 
         dq_l, dk, dv = jax.lax.fori_loop(q_lo, q_hi, per_query, (dq_l, dk_l[s], dv_l[s]))
         return dq_l, dk_l.at[s].set(dk), dv_l.at[s].set(dv)
 
-    return jax.lax.fori_loop(k_lo, k_hi, per_key, grads)
+    return jax.lax.fori_loop(k_lo, k_hi, per_key, tuple(grads))
+
+
+def _pull_kv_grads(
+    q_BxHxLxK: jax.Array,
+    lse_BxHxL: jax.Array,
+    g_BxHxLxK: jax.Array,
+    delta_BxHxL: jax.Array,
+    k_BxGxK: jax.Array,
+    v_BxGxK: jax.Array,
+    p: jax.Array,
+    spec: AttentionSpec,
+) -> tuple[jax.Array, jax.Array]:
+    """Within-leaf (dk_p, dv_p), B x G x K, of key p pulled from the leaf's later queries t > p.
+
+    With P = exp(<q_t, k_p> + bias - lse_t): dv_p = sum_t P g_t, dk_p = sum_t P (<g_t, v_p> -
+    delta_t) q_t. Rows t <= p of the query-side buffers are never read (P = 0 there).
+    """
+    b, h, leaf, kd = q_BxHxLxK.shape
+    g, r = spec.n_kv_heads, spec.group_size
+    acc_dt = delta_BxHxL.dtype
+    q5 = q_BxHxLxK.reshape(b, g, r, leaf, kd)
+    g5 = g_BxHxLxK.reshape(b, g, r, leaf, kd)
+    logits = jnp.einsum("bgrtk,bgk->bgrt", q5, k_BxGxK, preferred_element_type=acc_dt)
+    t = jnp.arange(leaf)
+    if spec.position == "alibi":
+        logits = logits + _alibi_bias(spec, t - p, acc_dt)
+    prob = jnp.where(t > p, jnp.exp(logits - lse_BxHxL.reshape(b, g, r, leaf)), 0.0)
+    dprob = jnp.einsum(
+        "bgrtk,bgk->bgrt", g5, v_BxGxK.astype(g5.dtype), preferred_element_type=acc_dt
+    )
+    ds = prob * (dprob - delta_BxHxL.reshape(b, g, r, leaf))
+    dv = jnp.einsum("bgrt,bgrtk->bgk", prob.astype(g5.dtype), g5, preferred_element_type=acc_dt)
+    dk = jnp.einsum("bgrt,bgrtk->bgk", ds.astype(q5.dtype), q5, preferred_element_type=acc_dt)
+    return dk, dv
+
+
+def _within_leaf_dq(tensors: tuple[jax.Array, ...], spec: AttentionSpec) -> jax.Array:
+    """dq n x B x H x L x K of every leaf's own pairs (s < t), all leaves at once."""
+    q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
+    n, b, h, leaf, kd = q_l.shape
+    g, r = spec.n_kv_heads, spec.group_size
+    acc_dt = delta_l.dtype
+    q6 = q_l.reshape(n, b, g, r, leaf, kd)
+    logits = jnp.einsum("nbgrtk,nbgsk->nbgrts", q6, k_l, preferred_element_type=acc_dt)
+    t_idx, s_idx = jnp.arange(leaf)[:, None], jnp.arange(leaf)[None, :]
+    if spec.position == "alibi":
+        logits = logits + _alibi_bias(spec, t_idx - s_idx, acc_dt)
+    lse6 = lse_l.reshape(n, b, g, r, leaf, 1)
+    prob = jnp.where(s_idx < t_idx, jnp.exp(logits - lse6), 0.0)
+    g6 = g_l.reshape(n, b, g, r, leaf, kd)
+    dprob = jnp.einsum(
+        "nbgrtk,nbgsk->nbgrts", g6, v_l.astype(g6.dtype), preferred_element_type=acc_dt
+    )
+    ds = prob * (dprob - delta_l.reshape(n, b, g, r, leaf, 1))
+    dq = jnp.einsum("nbgrts,nbgsk->nbgrtk", ds, k_l.astype(acc_dt))
+    return dq.reshape(n, b, h, leaf, kd)
 
 
 def _backward(
@@ -413,6 +598,9 @@ def _backward(
     xdt, dtype = x_BxNxD.dtype, spec.dtype
     acc_dt = _acc_dtype(xdt)
     h, g, r, kd = spec.n_heads, spec.n_kv_heads, spec.group_size, spec.head_dim
+    # g = dL/datt is stored for the tiles in the compute dtype, like q, k, v (an f32 g would be
+    # rounded to bf16 for the matrix unit anyway, one whole-buffer convert per leaf).
+    gdt = dtype
     pos = jnp.arange(n_pos)
     x = _pad_positions(x_BxNxD, n_pos)
     z = _pad_positions(z_BxNxD, n_pos)
@@ -434,16 +622,19 @@ def _backward(
     x1 = x + _attn_out(params, att_c, spec, xdt)
     hidden_pre = _mlp_hidden(params, x1, spec)
 
-    def leaf_step(carry, xs):
+    def leaf_step(carry, xs_i):
         dk_l, dv_l, dq_l, g_l, delta_l = carry
-        i, dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, q_leaf, lse_leaf = xs
-        k_leaf, v_leaf = k_l[i], v_l[i]
+        i, dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, k_leaf, v_leaf = xs_i
+        q_leaf = q_l[i]  # B x H x L x K (compute dtype), read by every position of the leaf
+        lse_leaf = lse_l[i]
+        # dK, dV from later leaves (complete: their mirrored tiles ran before this leaf).
+        dkc_leaf, dvc_leaf = _hm_leaf_to_pm(dk_l[i]), _hm_leaf_to_pm(dv_l[i])
 
-        def position_step(dkv, ys):
-            dk_leaf, dv_leaf = dkv
-            p, dz_t, z_t, kpre_t, x1_t, hid_t, att_t, q_t, lse_t = ys
-            dk_t = jax.lax.dynamic_index_in_dim(dk_leaf, p, 2, keepdims=False)
-            dv_t = jax.lax.dynamic_index_in_dim(dv_leaf, p, 2, keepdims=False)
+        def position_step(gbuf, ys):
+            g_buf, delta_buf = gbuf
+            p, dz_t, z_t, kpre_t, x1_t, hid_t, att_t, k_t, v_t, dkc_t, dvc_t = ys
+            dk_loc, dv_loc = _pull_kv_grads(q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, spec)
+            dk_t, dv_t = dkc_t + dk_loc, dvc_t + dv_loc
             dz_t = dz_t + _kv_input_grad(params, z_t, kpre_t, dk_t, dv_t, i * leaf + p, spec)
             _, mlp_out_t = jax.vjp(lambda a: _mlp_out(params, a, spec, xdt), hid_t)
             (dhid_t,) = mlp_out_t(dz_t)
@@ -456,21 +647,14 @@ def _backward(
             (g_t,) = attn_out_t(dx1_t)
             g_t = g_t.reshape(b, h, kd).astype(acc_dt)
             delta_t = jnp.sum(att_t * g_t, axis=-1)
-            # Same-leaf earlier keys (s < p) of this query.
-            prob = jnp.exp(_local_logits(q_t, k_leaf, p, spec) - lse_t[..., None])
-            prob = prob.reshape(b, g, r, leaf)
-            g5 = g_t.reshape(b, g, r, kd)
-            dv_leaf = dv_leaf + jnp.einsum("bgrs,bgrk->bgsk", prob, g5)
-            dprob = jnp.einsum("bgrk,bgsk->bgrs", g5, v_leaf.astype(acc_dt))
-            dlogit = prob * (dprob - delta_t.reshape(b, g, r)[..., None])
-            q5 = q_t.reshape(b, g, r, kd).astype(acc_dt)
-            dk_leaf = dk_leaf + jnp.einsum("bgrs,bgrk->bgsk", dlogit, q5)
-            dq_t = jnp.einsum("bgrs,bgsk->bgrk", dlogit, k_leaf.astype(acc_dt)).reshape(b, h, kd)
-            return (dk_leaf, dv_leaf), (dz_t, dhid_t, dx1_t, g_t, delta_t, dq_t)
+            g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_t.astype(gdt)[:, :, None], p, 2)
+            delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_t[:, :, None], p, 2)
+            return (g_buf, delta_buf), (dz_t, dhid_t, dx1_t, g_t, delta_t, dk_t, dv_t)
 
-        (dk_leaf, dv_leaf), outs = jax.lax.scan(
+        gbuf0 = (jnp.zeros((b, h, leaf, kd), gdt), jnp.zeros((b, h, leaf), acc_dt))
+        _, outs = jax.lax.scan(
             position_step,
-            (dk_l[i], dv_l[i]),
+            gbuf0,
             (
                 jnp.arange(leaf),
                 dz_leaf,
@@ -479,16 +663,16 @@ def _backward(
                 x1_leaf,
                 hid_leaf,
                 att_leaf,
-                q_leaf,
-                lse_leaf,
+                k_leaf,
+                v_leaf,
+                dkc_leaf,
+                dvc_leaf,
             ),
             reverse=True,
             unroll=min(_INNER_UNROLL, leaf),
         )
-        dz_o, dhid_o, dx1_o, g_o, delta_o, dq_o = outs
-        dk_l = dk_l.at[i].set(dk_leaf)
-        dv_l = dv_l.at[i].set(dv_leaf)
-        g_l = g_l.at[i].set(_pm_leaf_to_hm(g_o))
+        dz_o, dhid_o, dx1_o, g_o, delta_o, dk_o, dv_o = outs
+        g_l = g_l.at[i].set(_pm_leaf_to_hm(g_o).astype(gdt))
         delta_l = delta_l.at[i].set(_pm_leaf_to_hm(delta_o))
         # Mirror of forward block m = i: queries [i, i + T) push into keys [i - T, i).
         tensors = (q_l, k_l, v_l, g_l, lse_l, delta_l)
@@ -498,29 +682,35 @@ def _backward(
             )
         else:
             t = _lowbit(i)
-            dq_l, dk_l, dv_l = _grad_leaf_tiles(
+            _, dk_l, dv_l = _grad_leaf_tiles(
                 tile_ops,
                 spec,
                 leaf,
                 tensors,
-                (dq_l, dk_l, dv_l),
+                (None, dk_l, dv_l),
                 i,
                 jnp.minimum(i + t, n),
                 i - t,
                 i,
             )
-        return (dk_l, dv_l, dq_l, g_l, delta_l), (dz_o, dhid_o, dx1_o, dq_o)
+        return (dk_l, dv_l, dq_l, g_l, delta_l), (dz_o, dhid_o, dx1_o, dk_o, dv_o)
 
     zeros_kv = jnp.zeros((n, b, g, leaf, kd), acc_dt)
-    zeros_q = jnp.zeros((n, b, h, leaf, kd), acc_dt)
-    carry0 = (zeros_kv, zeros_kv, zeros_q, zeros_q, jnp.zeros((n, b, h, leaf), acc_dt))
+    dq0 = jnp.zeros((n, b, h, leaf, kd), acc_dt) if tile_ops.block_calls else None
+    g0 = jnp.zeros((n, b, h, leaf, kd), gdt)
+    carry0 = (zeros_kv, zeros_kv, dq0, g0, jnp.zeros((n, b, h, leaf), acc_dt))
     xs = (jnp.arange(n),) + tuple(
-        _to_leaves_pm(a, n, leaf) for a in (dz_up, z, k_pre, x1, hidden_pre, att, q, lse)
+        _to_leaves_pm(a, n, leaf) for a in (dz_up, z, k_pre, x1, hidden_pre, att, k_all, v_all)
     )
-    (dk_l, dv_l, dq_l, g_l, delta_l), outs = jax.lax.scan(leaf_step, carry0, xs, reverse=True)
-    dz_all, dhid_all, dx1_all, dq_local = (_from_leaves_pm(a) for a in outs)
+    (_, _, dq_l, g_l, delta_l), outs = jax.lax.scan(leaf_step, carry0, xs, reverse=True)
+    dz_all, dhid_all, dx1_all, dk_all, dv_all = (_from_leaves_pm(a) for a in outs)
 
-    # Temporary (diagonal) terms, batched.
+    # dq after the reverse scan: cross-leaf pairs (one causal pass; with block calls the mirrored
+    # Fenwick calls already returned it), within-leaf pairs, and the temporary (diagonal) terms.
+    tensors = (q_l, k_l, v_l, g_l, lse_l, delta_l)
+    if not tile_ops.block_calls:
+        dq_l = _causal_dq(tile_ops, spec, leaf, tensors)
+    dq_l = dq_l + _within_leaf_dq(tensors, spec)
     g_all = _from_leaves_hm(g_l).reshape(b, n_pos, g, r, kd)
     delta = _from_leaves_hm(delta_l).reshape(b, n_pos, g, r)
     q5 = q.reshape(b, n_pos, g, r, kd)
@@ -529,18 +719,14 @@ def _backward(
     dv_tmp = jnp.einsum("bngr,bngrk->bngk", p_self, g_all)
     dlogit_self = p_self * (jnp.einsum("bngrk,bngk->bngr", g_all, v_tmp.astype(acc_dt)) - delta)
     dk_tmp = jnp.einsum("bngr,bngrk->bngk", dlogit_self, q5.astype(acc_dt))
-    dq = (
-        _from_leaves_hm(dq_l)
-        + dq_local
-        + (dlogit_self[..., None] * k_tmp[:, :, :, None, :].astype(acc_dt)).reshape(q.shape)
-    )
+    dq = _from_leaves_hm(dq_l) + (
+        dlogit_self[..., None] * k_tmp[:, :, :, None, :].astype(acc_dt)
+    ).reshape(q.shape)
 
     d_pre, dx_pre = pre_vjp(
         (dq.astype(q.dtype), dk_tmp.astype(k_tmp.dtype), dv_tmp.astype(v_tmp.dtype))
     )
-    (d_kv,) = kv_vjp(
-        (_from_leaves_hm(dk_l).astype(k_all.dtype), _from_leaves_hm(dv_l).astype(v_all.dtype))
-    )
+    (d_kv,) = kv_vjp((dk_all.astype(k_all.dtype), dv_all.astype(v_all.dtype)))
     _, out_vjp = jax.vjp(lambda p: _mlp_out(p, hidden_pre, spec, xdt), params)
     (d_out,) = out_vjp(dz_all)
     _, hid_vjp = jax.vjp(lambda p: _mlp_hidden(p, x1, spec), params)
