@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(basename $(notdir $(CONSTRAINTS)))
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint format install versions clean
+.PHONY: demo test test-slow lint format install versions clean gpu-check
 
 # libtpu is installed for ahead-of-time TPU compiles; these targets run on the CPU. The venv also
 # gets scripts/cpu_platform_default.py, which sets JAX_PLATFORMS=cpu on machines with no
@@ -51,6 +51,12 @@ test: lint versions
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# On a GPU machine, with its own Python and JAX (CUDA plugin), no venv and no network; not part of
+# `make test`. Writes results/gpu_check.{json,md}; fails fast if no GPU is visible.
+GPU_PYTHON ?= python3
+gpu-check:
+	JAX_PLATFORMS= PYTHONPATH=. timeout 480 $(GPU_PYTHON) -m experiments.gpu_check $(GPU_CHECK_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rt_jax.ops.block import DTYPES, POSITION_KINDS, AttentionSpec
+from rt_jax.ops.block import ATTENTIONS, DTYPES, POSITION_KINDS, AttentionSpec
 
 BLOCK_TYPES = ("transformer", "recurrent")
 IMPLS = ("reference", "tiled", "pallas")
@@ -25,6 +25,9 @@ class ModelConfig:
     ``interpret=True`` on CPU). ``leaf_size`` is the tiled schedule's smallest tile in positions.
     ``memory_reset_token`` (LRT): the memory is zero at a position whose previous input token is
     this id (a document separator such as EOS); -1 = never reset.
+    ``attention`` is how Transformer blocks (and LRT buffers) attend: ``xla`` (einsums, the
+    N x N logits in HBM) or ``flash`` (the platform's fused kernel: Pallas flash attention on
+    TPU, cuDNN on GPU; ``interpret=True`` runs the TPU kernel on CPU; see docs/attention.md).
     """
 
     vocab_size: int = 256
@@ -41,6 +44,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     compute_dtype: str = "float32"
+    attention: str = "xla"
     leaf_size: int = 32
     interpret: bool = False
     remat: bool = False
@@ -93,6 +97,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.position={self.position!r}: expected {POSITION_KINDS}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r}: expected {DTYPES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected {ATTENTIONS}")
+        if self.attention == "flash" and self.compute_dtype == "float64":
+            raise ValueError(
+                "ModelConfig.attention='flash' has no float64 kernel: set attention='xla' or "
+                "compute_dtype='float32'/'bfloat16'"
+            )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim; d_model/n_heads = {self.head_dim}")
         choices = {
@@ -168,6 +179,8 @@ class ModelConfig:
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             compute_dtype=self.compute_dtype,
+            attention=self.attention,
+            interpret=self.interpret,
         )
 
     def block_params(self) -> int:

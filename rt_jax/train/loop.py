@@ -183,8 +183,17 @@ class _Validation:
         }
 
 
-def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    init_params: PyTree | None = None,
+) -> dict:
     """Train one model in ``workdir`` (resuming if it has checkpoints); see the module docstring.
+
+    ``init_params`` (a pytree shaped like the model's) replaces the random initial parameters of
+    a fresh run (fresh optimizer state); a resumed run ignores it.
 
     Returns {"val_ce", "tokens_per_s", "steps", "history"}; ``val_ce`` is the last evaluation's
     (None when ``eval_points == 0``), ``tokens_per_s`` the median over logged windows. Models that
@@ -211,6 +220,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     restored = ckpt.restore_latest(ts.abstract_state, train_iter)
     if restored is None:
         state, start = ts.init(), 0
+        if init_params is not None:
+            params = jax.device_put(init_params, ts.state_shardings["params"])
+            state = {**state, "params": params}
     else:
         state, start = restored
         log.info("resumed from step %d in %s", start, workdir)
