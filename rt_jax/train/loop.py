@@ -247,6 +247,8 @@ def train(
         nonlocal last_extra
         vals = validate(state["params"])
         writer.write({"step": step, **vals})
+        if is_main:  # the console's evaluation line (experiments.logs keeps rt_jax INFO there)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
         last_extra = {k: v for k, v in vals.items() if k != "val_ce"}
         return vals["val_ce"]
 
