@@ -17,6 +17,16 @@ Forward+backward = gradient of sum(z * c) w.r.t. the layer parameters and its in
 random cotangent c. The reference's plain-autodiff backward stores its whole K/V buffer at every
 step (O(N^2) memory); above ``--max-temp-gb`` it is compiled and its ``temp_bytes`` reported, but
 it is not run (``fwdbwd_ms`` null).
+
+The platform comes from the environment (``JAX_PLATFORMS``; set ``JAX_PLATFORMS=cpu`` for the
+CPU numbers above). On an accelerator, for example:
+
+    python -m experiments.bench_block --impls tiled pallas transformer --dtype bfloat16 \
+        --batch 1 8 32 --seq-lens 1024 4096 --out results/bench_block_gpu.json
+
+``--dtype`` is the matmul compute dtype (parameters and the residual stream stay float32, as in
+training); ``pallas`` is the tiled layer with the Pallas tile kernels (``--interpret`` runs them
+in interpret mode, the only way on CPU); ``--batch`` takes several sizes (a sweep).
 """
 
 from __future__ import annotations
@@ -29,29 +39,34 @@ import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from rt_jax.config import ModelConfig
+from rt_jax.models.lm import init_params
+from rt_jax.ops.reference import recurrent_layer_reference
+from rt_jax.ops.tiled import recurrent_layer_tiled
+from rt_jax.ops.transformer import transformer_layer
 
-from rt_jax.config import ModelConfig  # noqa: E402
-from rt_jax.models.lm import init_params  # noqa: E402
-from rt_jax.ops.reference import recurrent_layer_reference  # noqa: E402
-from rt_jax.ops.tiled import recurrent_layer_tiled  # noqa: E402
-from rt_jax.ops.transformer import transformer_layer  # noqa: E402
-
-IMPLS = ("reference", "tiled", "transformer")
+IMPLS = ("reference", "tiled", "pallas", "transformer")
+DEFAULT_IMPLS = ("reference", "tiled", "transformer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16], help="one or more batch sizes")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--mlp", type=int, default=1024)
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
+    ap.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="matmul dtype"
+    )
+    ap.add_argument(
+        "--interpret", action="store_true", help="run the pallas impl in interpret mode (CPU)"
+    )
     ap.add_argument("--memory-only", action="store_true", help="compile and report temp_bytes only")
     ap.add_argument("--out", default="results/bench_block.json")
     ap.add_argument("--leaf-size", type=int, default=32, help="leaf size of the tiled layer")
@@ -65,20 +80,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--max-temp-gb", type=float, default=6.0, help="skip running above this")
     args = ap.parse_args(argv)
-    for n in args.seq_lens:
+    for n in args.seq_lens + args.batch:
         if n <= 0:
-            ap.error(f"--seq-lens must be positive, got {n}")
+            ap.error(f"--seq-lens and --batch must be positive, got {n}")
     if args.d_model % args.heads:
         ap.error(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
+    if "pallas" in args.impls:
+        try:
+            layer_fn("pallas", args.leaf_size, args.interpret)
+        except ValueError as err:
+            ap.error(f"--impls pallas: {err}")
     return args
 
 
-def layer_fn(impl: str, leaf_size: int) -> Callable:
-    """The pure layer function (params, x, spec) -> z of an implementation."""
+def layer_fn(impl: str, leaf_size: int, interpret: bool = False) -> Callable:
+    """The pure layer function (params, x, spec) -> z of an implementation.
+
+    ``pallas`` raises ValueError where its kernels cannot run (on CPU without ``interpret``).
+    """
     if impl == "reference":
         return recurrent_layer_reference
     if impl == "tiled":
         return lambda p, x, s: recurrent_layer_tiled(p, x, s, leaf_size=leaf_size)
+    if impl == "pallas":
+        from rt_jax.ops.pallas_tiles import pallas_tile_ops
+
+        ops = pallas_tile_ops(interpret=interpret)
+        return lambda p, x, s: recurrent_layer_tiled(p, x, s, leaf_size=leaf_size, tile_ops=ops)
     return transformer_layer
 
 
@@ -88,25 +116,27 @@ def _time_ms(fn: Callable, *args) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_seq_len(args: argparse.Namespace, n: int) -> list[dict]:
-    """Compile, measure memory and (unless --memory-only) time every implementation at one N."""
+def bench_seq_len(args: argparse.Namespace, n: int, batch: int) -> list[dict]:
+    """Compile, measure memory and (unless --memory-only) time every implementation at one
+    (batch, N)."""
     config = ModelConfig(
         d_model=args.d_model,
         n_heads=args.heads,
         mlp_hidden=args.mlp,
         n_layers=1,
         position=args.position,
+        compute_dtype=args.dtype,
     )
     spec = config.attention_spec()
     params = jax.tree.map(lambda a: a[0], init_params(config, jax.random.PRNGKey(0))["blocks"])
     kx, kc = jax.random.split(jax.random.PRNGKey(1))
-    x = jax.random.normal(kx, (args.batch, n, args.d_model), jnp.float32)
+    x = jax.random.normal(kx, (batch, n, args.d_model), jnp.float32)
     cot = jax.random.normal(kc, x.shape, jnp.float32)
 
     compiled = {}
     records = {}
     for impl in args.impls:
-        fn = layer_fn(impl, args.leaf_size)
+        fn = layer_fn(impl, args.leaf_size, args.interpret)
         fwd = jax.jit(lambda p, x, fn=fn: fn(p, x, spec))
         fwdbwd = jax.jit(
             jax.grad(lambda p, x, fn=fn: jnp.sum(fn(p, x, spec) * cot), argnums=(0, 1))
@@ -118,7 +148,7 @@ def bench_seq_len(args: argparse.Namespace, n: int) -> list[dict]:
         records[impl] = {
             "impl": impl,
             "seq_len": n,
-            "batch": args.batch,
+            "batch": batch,
             "d_model": args.d_model,
             "fwd_ms": None,
             "fwdbwd_ms": None,
@@ -127,7 +157,11 @@ def bench_seq_len(args: argparse.Namespace, n: int) -> list[dict]:
         }
         if not args.memory_only:
             compiled[impl] = (fwd.lower(params, x).compile(), fwdbwd_c, temp)
-        print(f"  N={n} {impl}: compiled fwd+bwd in {compile_s:.1f}s, temp {temp / 2**20:.1f} MiB")
+        if args.dtype != "float32":
+            records[impl]["dtype"] = args.dtype
+        print(
+            f"  B={batch} N={n} {impl}: compiled fwd+bwd in {compile_s:.1f}s, temp {temp / 2**20:.1f} MiB"
+        )
 
     if args.memory_only:
         return list(records.values())
@@ -137,7 +171,7 @@ def bench_seq_len(args: argparse.Namespace, n: int) -> list[dict]:
     for fwd_c, fwdbwd_c, _ in runnable.values():  # warm-up
         jax.block_until_ready(fwd_c(params, x))
         jax.block_until_ready(fwdbwd_c(params, x))
-    ref_reps = max(1, int(args.reference_work_limit / (args.batch * n * n / 1024)))
+    ref_reps = max(1, int(args.reference_work_limit / (batch * n * n / 1024)))
     for rep in range(args.reps):
         for impl, (fwd_c, fwdbwd_c, _) in runnable.items():
             if impl == "reference" and rep >= min(ref_reps, args.reps):
@@ -167,7 +201,7 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def summary_tables(records: list[dict]) -> tuple[str, str]:
-    """(plain-text table, Markdown tables) of the records with the ratios."""
+    """(plain-text table, Markdown tables) of one batch size's records with the ratios."""
     rows = [["N", "impl", "fwd ms", "fwd+bwd ms", "temp MiB", "compile s"]]
     for r in records:
         rows.append(
@@ -181,14 +215,17 @@ def summary_tables(records: list[dict]) -> tuple[str, str]:
             ]
         )
     by = {(r["seq_len"], r["impl"]): r for r in records}
+    pallas = any(r["impl"] == "pallas" for r in records)
     ratio_rows = [
         ["N", "tiled/transf fwd", "tiled/transf fwd+bwd", "ref/tiled fwd", "ref/tiled fwd+bwd"]
+        + (["pallas/tiled fwd", "pallas/tiled fwd+bwd"] if pallas else [])
     ]
     for n in sorted({r["seq_len"] for r in records}):
-        t, tr, ref = (
+        t, tr, ref, pl = (
             by.get((n, "tiled"), {}),
             by.get((n, "transformer"), {}),
             by.get((n, "reference"), {}),
+            by.get((n, "pallas"), {}),
         )
         ratio_rows.append(
             [
@@ -198,6 +235,14 @@ def summary_tables(records: list[dict]) -> tuple[str, str]:
                 _ratio(ref.get("fwd_ms"), t.get("fwd_ms")),
                 _ratio(ref.get("fwdbwd_ms"), t.get("fwdbwd_ms")),
             ]
+            + (
+                [
+                    _ratio(pl.get("fwd_ms"), t.get("fwd_ms")),
+                    _ratio(pl.get("fwdbwd_ms"), t.get("fwdbwd_ms")),
+                ]
+                if pallas
+                else []
+            )
         )
     mem_rows = [["N", "tiled temp growth", "transformer temp growth"]]
     ns = sorted({r["seq_len"] for r in records})
@@ -236,9 +281,17 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables, write JSON and Markdown."""
     args = parse_args(argv)
     records = []
-    for n in args.seq_lens:
-        records.extend(bench_seq_len(args, n))
-    text, md = summary_tables(records)
+    for batch in args.batch:
+        for n in args.seq_lens:
+            records.extend(bench_seq_len(args, n, batch))
+    if len(args.batch) == 1:
+        text, md = summary_tables(records)
+    else:  # a batch sweep: one set of tables per batch size
+        parts = [summary_tables([r for r in records if r["batch"] == b]) for b in args.batch]
+        text = "\n\n".join(f"batch {b}\n{t}" for b, (t, _) in zip(args.batch, parts, strict=True))
+        md = "\n\n".join(
+            f"## Batch {b}\n\n{m}" for b, (_, m) in zip(args.batch, parts, strict=True)
+        )
     print(text)
     out_dir = os.path.dirname(args.out)
     if out_dir:
@@ -249,12 +302,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] if argv is None else argv
     )
     md_path = os.path.splitext(args.out)[0] + ".md"
+    dtype_note = f", compute dtype {args.dtype}" if args.dtype != "float32" else ""
+    if "pallas" in args.impls:
+        dtype_note += f", pallas {'interpret' if args.interpret else 'compiled'}"
     with open(md_path, "w") as f:
         f.write(
             f"# One RT layer vs one Transformer layer\n\nCommand: `{command}`\n\n"
-            f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
+            f"jax {jax.__version__}, backend {jax.default_backend()} "
+            f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
             f"leaf_size {args.leaf_size}, position {args.position}, heads {args.heads}, "
-            f"mlp {args.mlp}. Times are medians (ms) of interleaved runs; temp = XLA temporary "
+            f"mlp {args.mlp}{dtype_note}. Times are medians (ms) of interleaved runs; temp = XLA temporary "
             f"bytes of the jitted forward+backward; compile = seconds to compile it.\n\n{md}\n"
         )
     print(f"wrote {args.out} and {md_path}")

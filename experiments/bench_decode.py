@@ -25,6 +25,15 @@ place); ``tokens_per_s = batch * 1000 / decode_ms_per_token``. Writes ``--out`` 
 name with ``.md``, and prints the table and the targets of issue 5: RT step <= 1.2x the
 Transformer step of the same shape; 6-layer RT per-token latency and KV cache below the 12-layer
 Transformer's (cache ratio 2*6*W6 / (2*12*W12)).
+
+The platform comes from the environment (``JAX_PLATFORMS``; the committed CPU results were run
+with ``JAX_PLATFORMS=cpu``). ``--dtype bfloat16`` sets every model's compute dtype (and the KV
+cache's); ``--impl pallas`` (alias of ``--rt-impl``) prefills RT layers with the Pallas tile
+kernels, ``--interpret`` runs them in interpret mode (the only way on CPU); ``--batches`` is the
+batch sweep. On an accelerator, for example:
+
+    python -m experiments.bench_decode --dtype bfloat16 --impl pallas --batches 1 8 64 \
+        --out results/bench_decode_gpu.json
 """
 
 from __future__ import annotations
@@ -39,15 +48,13 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from rt_jax.config import ModelConfig  # noqa: E402
-from rt_jax.decoding import greedy_decode, kv_bytes_per_token, prefill  # noqa: E402
-from rt_jax.models.lm import init_params  # noqa: E402
+from rt_jax.config import ModelConfig
+from rt_jax.decoding import greedy_decode, kv_bytes_per_token, prefill
+from rt_jax.models.lm import init_params, layer_function
 
 RECORD_KEYS = (
     "model",
@@ -147,6 +154,18 @@ def paper_entries(scale: int, rt_impl: str) -> list[Entry]:
             )
             out.append(Entry("paper-12v6", f"{block_type}-{layers}L", cfg))
     return out
+
+
+def _runtime(entry: Entry, args: argparse.Namespace) -> Entry:
+    """The entry with the command line's compute dtype and Pallas interpret mode."""
+    changes = {}
+    if args.dtype != "float32":
+        changes["compute_dtype"] = args.dtype
+    if args.interpret and entry.config.impl == "pallas":
+        changes["interpret"] = True
+    if not changes:
+        return entry
+    return dataclasses.replace(entry, config=dataclasses.replace(entry.config, **changes))
 
 
 def _timed(fn, *args, **kwargs) -> tuple[float, float, object]:
@@ -295,7 +314,7 @@ def check_targets(
 def markdown(result: dict) -> str:
     """The results as Markdown tables."""
     lines = [
-        "# Decoding benchmark (random weights, float32, greedy)",
+        f"# Decoding benchmark (random weights, {result.get('dtype', 'float32')}, greedy)",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -358,7 +377,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--paper-scale", type=int, default=8)
-    p.add_argument("--rt-impl", default="tiled", choices=["reference", "tiled", "pallas"])
+    p.add_argument("--rt-impl", "--impl", default="tiled", choices=["reference", "tiled", "pallas"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--interpret", action="store_true", help="Pallas kernels in interpret mode (CPU)"
+    )
     args = p.parse_args(argv)
     if args.prompt_len < 1 or args.decode_tokens < 1 or args.reps < 1:
         p.error("--prompt-len, --decode-tokens and --reps must be >= 1")
@@ -374,6 +397,13 @@ def main(argv: list[str] | None = None) -> dict:
             groups[g] = lrt_entries()
         else:
             p.error(f"unknown group {g!r}: choose from cpu-full, paper-12v6, cpu-lrt")
+        groups[g] = [_runtime(e, args) for e in groups[g]]
+    try:  # an impl that cannot run here fails now, naming the flag
+        for entries in groups.values():
+            for e in entries:
+                layer_function(e.config)
+    except ValueError as err:
+        p.error(f"--impl {args.rt_impl}: {err}")
     if args.out is None:
         lrt_only = list(groups) == ["cpu-lrt"]
         args.out = "results/bench_decode_lrt.json" if lrt_only else "results/bench_decode.json"
@@ -397,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_tokens": args.decode_tokens,
         "reps": args.reps,
         "rt_impl": args.rt_impl,
+        **({"dtype": args.dtype} if args.dtype != "float32" else {}),
+        **({"interpret": True} if args.interpret else {}),
         "models": {
             g: {
                 e.name: {

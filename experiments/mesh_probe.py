@@ -53,7 +53,7 @@ def probe_model(params: Any, config: ModelConfig, batches: Sequence[np.ndarray])
 
     if config.family != "recursive":
         raise ValueError(
-            f"the probe needs a recursive model (config.loop set), got {config.loop!r}"
+            f"the probe needs a recursive model (config.loop.layout set), got {config.loop!r}"
         )
     lay = recursive.layout(config)
     core = jax.tree.map(lambda a: a[lay.prelude : lay.prelude + lay.core], params["blocks"])
@@ -74,7 +74,7 @@ def probe_model(params: Any, config: ModelConfig, batches: Sequence[np.ndarray])
             "relative_update": jnp.mean(rel, axis=1),
             "trace_error": jnp.max(jnp.abs(f_check - f_h[0])),
         }
-        if config.handoff == "mesh":
+        if config.loop.handoff == "mesh":
             out["write"] = jnp.mean(trace.write, axis=(1, 2))
             out["read"] = jnp.mean(trace.read, axis=(1, 2))
         return out

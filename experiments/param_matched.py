@@ -42,6 +42,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from experiments.logs import LOG_FILE, log_to_file, setup_logging
 from experiments.provenance import git_commit, machine
 from rt_jax.train.config import PRESETS, TrainConfig, apply_overrides, get_preset, with_point
 from rt_jax.train.flops import train_flops_per_token
@@ -154,8 +155,8 @@ DISPLAY_NAMES = {
 SAME_SHAPE_FAMILIES = {
     "transformer": ("transformer", ""),
     "recurrent": ("recurrent", ""),
-    "lrt-shared": ("transformer", "memory=shared"),
-    "lrt-layerwise": ("transformer", "memory=layerwise"),
+    "lrt-shared": ("transformer", "memory.kind=shared"),
+    "lrt-layerwise": ("transformer", "memory.kind=layerwise"),
 }
 """Families ``--models`` can add to any preset at the shape of its first point: block type and
 ModelPoint options."""
@@ -555,7 +556,8 @@ def measure_throughput(cfg: TrainConfig, rounds: int = 5, steps: int = 10) -> di
 def _train_cell(cfg: TrainConfig, workdir: Path, progress: bool) -> dict[str, Any]:
     from rt_jax.train.loop import train
 
-    return train(cfg, workdir, progress=progress)
+    with log_to_file(workdir):  # Orbax / absl INFO of this run: <workdir>/log.txt
+        return train(cfg, workdir, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="parent of the run directories")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"libraries' INFO (Orbax, absl) on the console too (always in each run dir's {LOG_FILE})",
+    )
+    parser.add_argument(
         "--throughput-rounds",
         type=int,
         default=15,
@@ -586,9 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "lrt-layerwise (default: every point of the preset)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
-    )
+    setup_logging(verbose=args.verbose)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         cfg = apply_overrides(get_preset(args.preset), args.overrides)

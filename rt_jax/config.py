@@ -1,10 +1,20 @@
-"""Model configuration: a frozen, validated dataclass."""
+"""Model configuration: a frozen, validated dataclass made of smaller frozen sections.
+
+``ModelConfig`` holds the core fields every model has (vocabulary, shape, block type, attention
+position scheme, dtype, implementation); a model family's own knobs live in its section:
+``memory=MemoryConfig(...)`` (the LRT memory pathway) and ``loop=LoopConfig(...)`` (recursive
+layouts and MeSH hand-offs). Each section validates itself; ``ModelConfig`` checks how a section
+fits the core fields. This module imports no model code: ``family`` only names which registered
+family (``rt_jax.models.family``) runs a config.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Any
 
-from rt_jax.ops.block import DTYPES, POSITION_KINDS, AttentionSpec
+from rt_jax.ops.block import ATTENTIONS, DTYPES, POSITION_KINDS, AttentionSpec
 
 BLOCK_TYPES = ("transformer", "recurrent")
 IMPLS = ("reference", "tiled", "pallas")
@@ -12,6 +22,268 @@ MEMORY_KINDS = ("none", "shared", "layerwise")
 MEMORY_INJECTIONS = ("both", "kv", "residual")
 MEMORY_TRAININGS = ("interleaved", "refine")
 HANDOFFS = ("base", "residual", "anchor", "anchor-emb", "mesh")
+
+_LAYOUT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*R\s*(\d+)\s*\+\s*(\d+)\s*$")
+_EXAMPLE = "e.g. loop='2+4R2+2' (2 prelude layers, 4 core layers looped twice, 2 coda layers)"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{where}={value!r}: expected {allowed}")
+
+
+# --------------------------------------------------------------------------------------------
+# LRT: the memory pathway (rt_jax.models.lrt).
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """The LRT memory pathway; ``kind="none"`` (the default) means no memory.
+
+    ``kind``: "shared" (one memory K/V projection for every layer) or "layerwise" (one per layer).
+    ``layer``: the source state (-1 = the final normalised state, i >= 0 = the output of layer i).
+    ``injection``: "both", "kv" (gates and memory K/V only) or "residual" (gamma only).
+    ``training``: "interleaved" (``passes`` = S strided position subsets) or "refine"
+    (``passes`` = K extra full passes). ``reset_token``: the memory is zero at a position whose
+    previous input token is this id (a document separator such as EOS); -1 = never reset.
+    """
+
+    kind: str = "none"
+    layer: int = -1
+    injection: str = "both"
+    training: str = "interleaved"
+    passes: int = 2
+    reset_token: int = -1
+
+    def __post_init__(self) -> None:
+        _check_choice("memory.kind", self.kind, MEMORY_KINDS)
+        _check_choice("memory.injection", self.injection, MEMORY_INJECTIONS)
+        _check_choice("memory.training", self.training, MEMORY_TRAININGS)
+        if not _is_int(self.reset_token) or self.reset_token < -1:
+            raise ValueError(
+                f"ModelConfig.memory.reset_token={self.reset_token!r}: use -1 (never reset the "
+                "LRT memory) or a token id, e.g. the EOS id"
+            )
+        if not self.enabled:
+            return
+        if not _is_int(self.passes) or self.passes < 1:
+            raise ValueError(
+                f"ModelConfig.memory.passes={self.passes!r} must be a positive int (interleaved: "
+                "the number S of position subsets; refine: the number K of extra full passes)"
+            )
+        if not _is_int(self.layer) or self.layer < -1:
+            raise ValueError(
+                f"ModelConfig.memory.layer={self.layer!r}: use -1 (the final normalised state) "
+                "or a layer index >= 0"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model has an LRT memory."""
+        return self.kind != "none"
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise ValueError unless this memory fits the core fields of ``model``."""
+        if not -1 <= self.reset_token < model.vocab_size:
+            raise ValueError(
+                f"ModelConfig.memory.reset_token={self.reset_token!r}: use -1 (never reset the "
+                f"LRT memory) or a token id in [0, vocab_size={model.vocab_size}), e.g. the EOS id"
+            )
+        if not self.enabled:
+            return
+        if model.block_type != "transformer":
+            raise ValueError(
+                f"LRT (memory.kind={self.kind!r}) runs on the Transformer block only, got "
+                f"block_type={model.block_type!r}: set block_type='transformer' or "
+                "memory.kind='none'"
+            )
+        if self.layer >= model.n_layers:
+            raise ValueError(
+                f"ModelConfig.memory.layer={self.layer!r}: use -1 (the final normalised state) or "
+                f"a layer index in [0, n_layers={model.n_layers})"
+            )
+
+    def uses_residual(self) -> bool:
+        """Whether the memory is added to the residual stream (gamma)."""
+        return self.injection in ("both", "residual")
+
+    def uses_kv(self) -> bool:
+        """Whether the memory is mixed into the keys and values (gates and W_kvmem)."""
+        return self.injection in ("both", "kv")
+
+    def extra_params(self, model: ModelConfig) -> int:
+        """Parameters the memory pathway adds to the baseline Transformer (0 without memory):
+        gamma (L), gates (L x D x 2G) and W_kvmem (D x 2C, once or per layer)."""
+        if not self.enabled:
+            return 0
+        n_layers, d = model.n_layers, model.d_model
+        kv_dim = model.n_kv_heads * model.head_dim
+        count = n_layers if self.uses_residual() else 0
+        if self.uses_kv():
+            projections = 1 if self.kind == "shared" else n_layers
+            count += n_layers * d * 2 * model.n_kv_heads + projections * d * 2 * kv_dim
+        return count
+
+
+# --------------------------------------------------------------------------------------------
+# Recursive models and MeSH (rt_jax.models.recursive).
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopLayout:
+    """A parsed ``Lpre+LcoreRNloop+Lcoda`` layout."""
+
+    prelude: int
+    core: int
+    n_loop: int
+    coda: int
+
+    @property
+    def distinct_layers(self) -> int:
+        """Layers with their own weights: Lpre + Lcore + Lcoda."""
+        return self.prelude + self.core + self.coda
+
+    @property
+    def depth(self) -> int:
+        """Layers in the unrolled graph: Lpre + Nloop * Lcore + Lcoda."""
+        return self.prelude + self.n_loop * self.core + self.coda
+
+    def unrolled_layers(self) -> tuple[int, ...]:
+        """Index into the stored blocks of every unrolled layer, in execution order."""
+        pre = tuple(range(self.prelude))
+        core = tuple(range(self.prelude, self.prelude + self.core)) * self.n_loop
+        coda = tuple(range(self.prelude + self.core, self.distinct_layers))
+        return pre + core + coda
+
+
+def parse_layout(text: str) -> LoopLayout:
+    """Parse ``"Lpre+LcoreRNloop+Lcoda"``; ValueError with an example on a bad string."""
+    match = _LAYOUT.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"loop layout {text!r} is not 'Lpre+LcoreRNloop+Lcoda': {_EXAMPLE}")
+    pre, core, n_loop, coda = (int(g) for g in match.groups())
+    if core < 1 or n_loop < 1:
+        raise ValueError(
+            f"loop layout {text!r} needs at least one core layer and one loop iteration: {_EXAMPLE}"
+        )
+    return LoopLayout(pre, core, n_loop, coda)
+
+
+def router_params(d_model: int, n_loop: int, slots: int) -> int:
+    """MeSH router parameters: (Nloop+1) write/read pairs of a D->S linear layer with bias."""
+    return (n_loop + 1) * d_model * slots * 2 + 2 * (n_loop + 1) * slots
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """A recursive (looped) layout and its hand-off; ``layout=""`` (the default) means no loop.
+
+    ``layout``: ``"Lpre+LcoreRNloop+Lcoda"`` (``n_layers`` must be Lpre + Lcore + Lcoda).
+    ``handoff``: how one core iteration hands its state to the next ("base", "residual",
+    "anchor", "anchor-emb", "mesh"). ``mesh_slots``: MeSH buffer slots (None = Nloop + 3).
+    """
+
+    layout: str = ""
+    handoff: str = "base"
+    mesh_slots: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("loop.handoff", self.handoff, HANDOFFS)
+        if not self.enabled:
+            if self.handoff != "base" or self.mesh_slots is not None:
+                raise ValueError(
+                    f"ModelConfig: loop.handoff={self.handoff!r} and loop.mesh_slots="
+                    f"{self.mesh_slots} only apply to recursive models: set loop.layout (e.g. "
+                    "'2+4R2+2') or leave them at their defaults ('base', None)"
+                )
+            return
+        parse_layout(self.layout)
+        slots = self.mesh_slots
+        if slots is not None:
+            if not _is_int(slots) or slots < 2:
+                raise ValueError(
+                    f"ModelConfig.loop.mesh_slots={slots!r}: use an int >= 2 (or None)"
+                )
+            if self.handoff != "mesh":
+                raise ValueError(
+                    f"ModelConfig.loop.mesh_slots={slots} only applies to loop.handoff='mesh' "
+                    f"(loop.handoff={self.handoff!r}): leave it None"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model is recursive."""
+        return bool(self.layout)
+
+    def parsed(self) -> LoopLayout:
+        """The parsed layout (ValueError when there is none)."""
+        return parse_layout(self.layout)
+
+    @property
+    def n_slots(self) -> int:
+        """MeSH buffer slots S: ``mesh_slots``, or Nloop + 3 (the paper's rule)."""
+        return self.mesh_slots if self.mesh_slots is not None else self.parsed().n_loop + 3
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise ValueError unless this layout fits the core fields of ``model``."""
+        if not self.enabled:
+            return
+        lay = self.parsed()
+        if model.n_layers != lay.distinct_layers:
+            raise ValueError(
+                f"ModelConfig.n_layers={model.n_layers} but loop.layout={self.layout!r} has "
+                f"{lay.prelude}+{lay.core}+{lay.coda} = {lay.distinct_layers} distinct layers: set "
+                f"n_layers={lay.distinct_layers} (n_layers counts stored layers, {_EXAMPLE})"
+            )
+
+    def extra_params(self, model: ModelConfig) -> int:
+        """Parameters beyond the stored blocks: the MeSH routers (0 for other hand-offs)."""
+        if self.handoff != "mesh":
+            return 0
+        return router_params(model.d_model, self.parsed().n_loop, self.n_slots)
+
+
+SECTIONS = {"memory": MemoryConfig, "loop": LoopConfig}
+"""The family sections of ``ModelConfig``, by field name."""
+
+FLAT_FIELDS = {
+    "memory": "memory.kind",
+    "memory_layer": "memory.layer",
+    "memory_injection": "memory.injection",
+    "memory_training": "memory.training",
+    "memory_passes": "memory.passes",
+    "memory_reset_token": "memory.reset_token",
+    "loop": "loop.layout",
+    "handoff": "loop.handoff",
+    "mesh_slots": "loop.mesh_slots",
+}
+"""The flat ``ModelConfig`` fields of run configs saved before the sections, and their new paths."""
+
+
+def upgrade_flat_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``ModelConfig`` dict with the old flat family fields (``memory="shared"``,
+    ``memory_layer``, ``loop="1+2R2+1"``, ``handoff``, ...) moved into their sections; a dict in
+    the current spelling comes back unchanged."""
+    out = dict(data)
+    sections: dict[str, dict[str, Any]] = {}
+    for old, new in FLAT_FIELDS.items():
+        if old not in out or isinstance(out[old], dict):
+            continue
+        section, name = new.split(".")
+        sections.setdefault(section, {})[name] = out.pop(old)
+    for section, fields in sections.items():
+        out[section] = (
+            {**out.get(section, {}), **fields} if isinstance(out.get(section), dict) else fields
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The model.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +295,12 @@ class ModelConfig:
     ``impl`` chooses how recurrent blocks run: ``reference`` (token-by-token oracle), ``tiled``
     (Fenwick-tiled, custom backward) or ``pallas`` (tiled with Pallas kernels; pass
     ``interpret=True`` on CPU). ``leaf_size`` is the tiled schedule's smallest tile in positions.
-    ``memory_reset_token`` (LRT): the memory is zero at a position whose previous input token is
-    this id (a document separator such as EOS); -1 = never reset.
+    ``embed_scale`` multiplies the token embeddings by sqrt(d_model) (recursive models only, for
+    now). Family sections: ``memory`` (LRT, ``MemoryConfig``) and ``loop`` (recursive / MeSH,
+    ``LoopConfig``); at most one of them is enabled.
+    ``attention`` is how Transformer blocks (and LRT buffers) attend: ``xla`` (einsums, the
+    N x N logits in HBM) or ``flash`` (the platform's fused kernel: Pallas flash attention on
+    TPU, cuDNN on GPU; ``interpret=True`` runs the TPU kernel on CPU; see docs/attention.md).
     """
 
     vocab_size: int = 256
@@ -41,19 +317,13 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     compute_dtype: str = "float32"
+    attention: str = "xla"
     leaf_size: int = 32
     interpret: bool = False
     remat: bool = False
-    memory: str = "none"
-    memory_layer: int = -1
-    memory_injection: str = "both"
-    memory_training: str = "interleaved"
-    memory_passes: int = 2
-    memory_reset_token: int = -1
-    loop: str = ""
-    handoff: str = "base"
-    mesh_slots: int | None = None
     embed_scale: bool = False
+    memory: MemoryConfig = MemoryConfig()
+    loop: LoopConfig = LoopConfig()
 
     def __post_init__(self) -> None:
         def fill(name: str, value: int) -> None:
@@ -93,64 +363,50 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.position={self.position!r}: expected {POSITION_KINDS}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"ModelConfig.compute_dtype={self.compute_dtype!r}: expected {DTYPES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected {ATTENTIONS}")
+        if self.attention == "flash" and self.compute_dtype == "float64":
+            raise ValueError(
+                "ModelConfig.attention='flash' has no float64 kernel: set attention='xla' or "
+                "compute_dtype='float32'/'bfloat16'"
+            )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim; d_model/n_heads = {self.head_dim}")
-        choices = {
-            "memory": MEMORY_KINDS,
-            "memory_injection": MEMORY_INJECTIONS,
-            "memory_training": MEMORY_TRAININGS,
-            "handoff": HANDOFFS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected {allowed}")
-        reset = self.memory_reset_token
-        if (
-            isinstance(reset, bool)
-            or not isinstance(reset, int)
-            or not -1 <= reset < self.vocab_size
-        ):
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                first = dataclasses.fields(cls)[0].name
+                raise ValueError(
+                    f"ModelConfig.{name}={section!r}: expected a {cls.__name__}, e.g. "
+                    f"{name}={cls.__name__}({first}={section!r}) (old flat fields moved into "
+                    f"sections: {FLAT_FIELDS})"
+                )
+            section.check_model(self)
+        if self.memory.enabled and self.loop.enabled:
             raise ValueError(
-                f"ModelConfig.memory_reset_token={reset!r}: use -1 (never reset the LRT memory) "
-                f"or a token id in [0, vocab_size={self.vocab_size}), e.g. the EOS id"
+                "ModelConfig: an LRT memory (memory.kind != 'none') and a recursive loop layout "
+                f"(loop.layout={self.loop.layout!r}) cannot be combined: set one of them"
             )
-        if self.memory != "none" and self.loop:
+        if self.embed_scale and not self.loop.enabled:
             raise ValueError(
-                "ModelConfig: an LRT memory (memory != 'none') and a recursive loop layout "
-                f"(loop={self.loop!r}) cannot be combined: set one of them"
+                "ModelConfig: embed_scale=True only applies to recursive models: set loop.layout "
+                "(e.g. '2+4R2+2') or leave embed_scale at its default (False)"
             )
-        if not self.loop and (self.handoff != "base" or self.embed_scale or self.mesh_slots):
-            raise ValueError(
-                f"ModelConfig: handoff={self.handoff!r}, embed_scale={self.embed_scale} and "
-                f"mesh_slots={self.mesh_slots} only apply to recursive models: set loop (e.g. "
-                "'2+4R2+2') or leave them at their defaults ('base', false, None)"
-            )
-        if self.memory != "none":
-            from rt_jax.models import lrt
-
-            lrt.validate(self)
-        if self.loop:
-            from rt_jax.models import recursive
-
-            recursive.validate(self)
 
     @property
     def family(self) -> str:
-        """Which model module runs this config: ``standard``, ``lrt`` or ``recursive``."""
-        if self.memory != "none":
+        """Name of the model family that runs this config: ``standard``, ``lrt`` or
+        ``recursive`` (the registry in ``rt_jax.models.family`` maps it to the code)."""
+        if self.memory.enabled:
             return "lrt"
-        if self.loop:
+        if self.loop.enabled:
             return "recursive"
         return "standard"
 
     @property
     def cache_layers(self) -> int:
         """Layers with a KV cache: the unrolled compute depth (recursive cores count per loop)."""
-        if self.family == "recursive":
-            from rt_jax.models import recursive
-
-            return recursive.compute_depth(self)
-        return self.n_layers
+        return self.loop.parsed().depth if self.loop.enabled else self.n_layers
 
     @property
     def head_dim(self) -> int:
@@ -168,6 +424,8 @@ class ModelConfig:
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             compute_dtype=self.compute_dtype,
+            attention=self.attention,
+            interpret=self.interpret,
         )
 
     def block_params(self) -> int:
@@ -180,19 +438,8 @@ class ModelConfig:
     def non_embedding_params(self) -> int:
         """Parameters outside the embedding and LM head (blocks plus the final norm, plus the
         LRT memory pathway or MeSH routers when configured)."""
-        extra = 0
-        if self.family == "lrt":
-            from rt_jax.models import lrt
-
-            extra = lrt.extra_params(self)
-        elif self.family == "recursive":
-            from rt_jax.models import recursive
-
-            extra = recursive.extra_params(self)
-        return self._plain_non_embedding_params() + extra
-
-    def _plain_non_embedding_params(self) -> int:
-        return self.n_layers * self.block_params() + self.d_model
+        extra = self.memory.extra_params(self) + self.loop.extra_params(self)
+        return self.n_layers * self.block_params() + self.d_model + extra
 
     def total_params(self) -> int:
         """All parameters, including the untied embedding and head."""

@@ -468,3 +468,228 @@ def from_olmo(
         state_dict, config, layout=layout, block_group_size=fields["block_group_size"]
     )
     return LanguageModel(config, params=params)
+
+
+# ----------------------------------------------------------------------------- export (to_olmo)
+OLMO_CONFIG_FILE = "config.yaml"
+OLMO_WEIGHTS_FILE = "model.safetensors"
+
+
+def config_to_olmo(config: ModelConfig, *, max_sequence_length: int | None = None) -> dict:
+    """The reference (OLMo) model fields that ``config_from_olmo`` maps back to ``config``.
+
+    Only standard models (Transformer: ``sequential`` blocks; RT: ``recurrent`` blocks) have a
+    reference format; LRT and recursive models raise ``ValueError``.
+    """
+    if config.family != "standard":
+        raise ValueError(
+            f"the reference format holds Transformer and RT models only; this config is a "
+            f"{config.family!r} model (export its weights with Orbax instead)"
+        )
+    fields: dict[str, Any] = {
+        "d_model": config.d_model,
+        "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads,
+        "n_layers": config.n_layers,
+        "mlp_hidden_size": config.mlp_hidden,
+        "activation_type": "gelu",
+        "block_type": "recurrent" if config.block_type == "recurrent" else "sequential",
+        "alibi": config.position == "alibi",
+        "rope": config.position == "rope",
+        "alibi_bias_max": float(config.alibi_bias_max),
+        "rope_theta": float(config.rope_theta),
+        "attention_dropout": 0.0,
+        "residual_dropout": 0.0,
+        "embedding_dropout": 0.0,
+        "attention_layer_norm": True,
+        "attention_layer_norm_with_affine": True,
+        "layer_norm_type": "default",
+        "layer_norm_with_affine": True,
+        "layer_norm_eps": float(config.norm_eps),
+        "bias_for_layer_norm": False,
+        "include_bias": False,
+        "weight_tying": False,
+        "vocab_size": config.vocab_size,
+        "embedding_size": config.embedding_size,
+    }
+    if max_sequence_length is not None:
+        fields["max_sequence_length"] = int(max_sequence_length)
+    return fields
+
+
+def params_to_olmo(
+    params: PyTree, config: ModelConfig, *, layout: str | None = None, aliases: bool = True
+) -> dict[str, np.ndarray]:
+    """A reference-format state dict (NumPy, PyTorch's out x in) of our parameter pytree.
+
+    ``layout`` defaults to the block type's ("recurrent" for RT, "sequential" for a Transformer).
+    With ``aliases`` a recurrent layout also carries the ``pre_/post_attention_block.*`` copies
+    that the reference's ``state_dict()`` holds, so ``load_state_dict(strict=True)`` accepts it.
+    """
+    config_to_olmo(config)  # family check
+    if layout is None:
+        layout = "recurrent" if config.block_type == "recurrent" else "sequential"
+    if layout not in ("recurrent", "sequential"):
+        raise ValueError(f"layout={layout!r}: expected 'recurrent' or 'sequential'")
+
+    def host(x: Any) -> np.ndarray:
+        return np.asarray(jax.device_get(x))
+
+    blocks = {name: host(value) for name, value in params["blocks"].items()}
+    state: dict[str, np.ndarray] = {
+        "transformer.wte.weight": host(params["embed"]),
+        "transformer.ln_f.weight": host(params["ln_f"]),
+        "transformer.ff_out.weight": np.ascontiguousarray(host(params["head"]).T),
+    }
+    for i in range(config.n_layers):
+        prefix = f"transformer.blocks.{i}."
+        for ours, (ref, transpose) in _COMMON_BLOCK_KEYS.items():
+            value = blocks[ours][i]
+            state[f"{prefix}{ref}.weight"] = np.ascontiguousarray(value.T if transpose else value)
+        w_q, w_kv = blocks["w_q"][i], blocks["w_kv"][i]
+        if layout == "sequential":
+            fused = np.concatenate([w_q, w_kv], axis=1)  # D x (q | k | v)
+            state[f"{prefix}att_proj.weight"] = np.ascontiguousarray(fused.T)
+            continue
+        state[f"{prefix}q_proj.weight"] = np.ascontiguousarray(w_q.T)
+        state[f"{prefix}kv_proj.weight"] = np.ascontiguousarray(w_kv.T)
+        if aliases:
+            for alias, target in _RECURRENT_ALIASES.items():
+                state[f"{prefix}{alias}.weight"] = state[f"{prefix}{target}.weight"]
+    return state
+
+
+def to_olmo(
+    model: Any,
+    directory: str | None = None,
+    *,
+    layout: str | None = None,
+    aliases: bool = True,
+    max_sequence_length: int | None = None,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The reference (OLMo) model config and state dict of ``model``; with ``directory``, also
+    written there as ``config.yaml`` + ``model.safetensors`` (see ``save_olmo``).
+
+    ``model`` is a ``LanguageModel`` (anything with ``.config`` and ``.params()``). ``from_olmo``
+    of the result gives back bitwise the same parameters.
+    """
+    config = model.config
+    olmo_config = config_to_olmo(config, max_sequence_length=max_sequence_length)
+    state = params_to_olmo(model.params(), config, layout=layout, aliases=aliases)
+    if layout is not None:
+        olmo_config["block_type"] = layout
+    if directory is not None:
+        save_olmo(directory, olmo_config, state)
+    return olmo_config, state
+
+
+def _olmo_key(key: str) -> str:
+    """The key OLMo's ``safetensors_util`` writes for a flat state-dict entry ``key``."""
+    import base64
+    import pickle
+
+    return base64.urlsafe_b64encode(pickle.dumps(((key,), False))).decode("ascii")
+
+
+def _unpickle_plain(data: bytes) -> Any:
+    """Unpickle ``data`` allowing no globals (OLMo's keys are tuples of str and a bool)."""
+    import io
+    import pickle
+
+    class NoGlobals(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a key")
+
+    return NoGlobals(io.BytesIO(data)).load()
+
+
+def _decode_olmo_key(key: str) -> str | None:
+    """The state-dict key an OLMo-encoded safetensors key stands for; None if it is a plain key."""
+    import base64
+    import binascii
+    import pickle
+
+    if key.startswith("transformer."):
+        return None
+    try:
+        keys, pickled = _unpickle_plain(base64.urlsafe_b64decode(key.encode("ascii")))
+    except (binascii.Error, pickle.UnpicklingError, ValueError, TypeError, EOFError):
+        return None
+    if pickled or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"safetensors key {key!r} holds a pickled non-tensor value: not weights")
+    return ".".join(keys)
+
+
+def save_olmo(
+    directory: str,
+    olmo_config: Mapping[str, Any],
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    olmo_keys: bool = True,
+) -> None:
+    """Write ``config.yaml`` (``model:`` section) and ``model.safetensors`` into ``directory``.
+
+    With ``olmo_keys`` (default) the tensor names are encoded the way the reference's
+    ``olmo/safetensors_util.py`` writes them, so its checkpoint loader reads the file next to (or
+    instead of) ``model.pt``; ``olmo_keys=False`` writes the plain ``transformer.*`` names.
+    ``load_olmo`` reads both.
+    """
+    import os
+
+    import yaml
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {
+        (_olmo_key(k) if olmo_keys else k): np.ascontiguousarray(v) for k, v in state_dict.items()
+    }
+    save_file(tensors, os.path.join(directory, OLMO_WEIGHTS_FILE))
+    with open(os.path.join(directory, OLMO_CONFIG_FILE), "w") as f:
+        yaml.safe_dump({"model": dict(olmo_config)}, f, sort_keys=False)
+
+
+def is_olmo_dir(path: str) -> bool:
+    """True when ``path`` is a directory holding a reference-format checkpoint."""
+    import os
+
+    names = (OLMO_WEIGHTS_FILE, "model.pt")
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in names)
+
+
+def load_olmo(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(model config fields, state dict) of a reference-format checkpoint directory.
+
+    The directory holds ``config.yaml`` (or ``config.json``; a whole train config or its
+    ``model`` section) and ``model.safetensors`` (plain or OLMo-encoded keys). A ``model.pt``
+    alone is refused (reading it needs PyTorch): convert it once with PyTorch, e.g.
+    ``safetensors.torch.save_file({k: v.clone() for k, v in torch.load("model.pt").items()},
+    "model.safetensors")`` (``clone``: the alias keys share storage).
+    """
+    import json
+    import os
+
+    import yaml
+    from safetensors.numpy import load_file
+
+    config_path = None
+    for name in (OLMO_CONFIG_FILE, "config.json"):
+        if os.path.exists(os.path.join(directory, name)):
+            config_path = os.path.join(directory, name)
+            break
+    if config_path is None:
+        raise ValueError(f"{directory} has no {OLMO_CONFIG_FILE} or config.json (model config)")
+    with open(config_path) as f:
+        raw = json.load(f) if config_path.endswith(".json") else yaml.safe_load(f)
+    weights = os.path.join(directory, OLMO_WEIGHTS_FILE)
+    if not os.path.exists(weights):
+        raise ValueError(
+            f"{directory} has no {OLMO_WEIGHTS_FILE}; a model.pt needs PyTorch to read: convert "
+            "it once with safetensors.torch.save_file({k: v.clone() for k, v in "
+            'torch.load("model.pt").items()}, "model.safetensors") (clone: the alias keys share '
+            "storage)"
+        )
+    state = {}
+    for key, value in load_file(weights).items():
+        name = _decode_olmo_key(key)
+        state[key if name is None else name] = value
+    return _model_section(raw), state

@@ -1,8 +1,11 @@
-"""Autoregressive generation with a fixed-size KV cache for Transformer and Recurrent Transformer LMs.
+"""Autoregressive generation with a fixed-size KV cache, for every model family.
 
-``generate(model, prompt_tokens_BxP, max_new_tokens=K, ...)`` prefills the prompt with the model's
-own layer implementation (reference / tiled / pallas), then runs a jitted ``lax.while_loop`` of
-decode steps (``rt_jax.ops.decode``) over a cache preallocated once and updated in place.
+``generate(model, prompt_tokens_BxP, max_new_tokens=K, ...)`` prefills the prompt through the
+model family's ``prefill`` (the model's own layer implementation: reference / tiled / pallas), then
+runs a jitted ``lax.while_loop`` of the family's ``decode_step`` over a cache preallocated once and
+updated in place. This module checks the user's input and runs the loops; the cache lives in
+``rt_jax.models.kv_cache``, each family's prefill and decode step in its module under
+``rt_jax/models/``, and token choice in ``rt_jax.sampling``.
 
 Batches of prompts with different lengths are **right-padded**: row b holds its prompt in positions
 [0, len_b) and anything after it. The forward is causal, so positions < len_b do not see the
@@ -10,8 +13,8 @@ padding; each row then decodes at its own position t_b = len_b, len_b + 1, ..., 
 entry at index t_b and masking every entry s >= t_b. Positions are therefore the true ones for
 ALiBi and RoPE with no offset bookkeeping, and padded garbage is overwritten before it is ever read.
 
-The cache holds, per layer, keys and values of shape B x G x S x K (G kv heads) in the compute
-dtype: ``2 * n_layers * n_kv_heads * head_dim`` numbers per token for both block types.
+The cache holds, per cached layer, keys and values of shape B x G x S x K (G kv heads) in the
+compute dtype: ``2 * cache_layers * n_kv_heads * head_dim`` numbers per token for both block types.
 """
 
 from __future__ import annotations
@@ -26,34 +29,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from rt_jax.config import ModelConfig
-from rt_jax.models.lm import embed, family_module, head, layer_function
-from rt_jax.ops.decode import decode_layer, prefill_layer
+from rt_jax.models.family import get_family
+from rt_jax.models.kv_cache import (
+    KVCache,
+    init_cache,
+    kv_bytes_per_token,
+    prefilled_cache,
+    write_cache_entries,
+)
+from rt_jax.sampling import sample_logits
+
+__all__ = [
+    "PAD_TOKEN",
+    "GenerateOutput",
+    "KVCache",
+    "decode_step",
+    "generate",
+    "greedy_decode",
+    "init_cache",
+    "kv_bytes_per_token",
+    "prefill",
+    "prefilled_cache",
+    "sample_logits",
+    "write_cache_entries",
+]
 
 PyTree = Any
 PAD_TOKEN = -1
 """Value of ``GenerateOutput.tokens`` after a row has produced a stop token."""
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths", "memory"], meta_fields=[]
-)
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Per-layer keys/values (L x B x G x S x K), each row's number of filled positions (B,), and
-    any per-row recurrent state (B x M: LRT's memory vector, M = d_model; M = 0 otherwise).
-
-    L is ``config.cache_layers``: the unrolled depth (a recursive core has a cache per iteration).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-    memory: jax.Array
-
-    @property
-    def size(self) -> int:
-        """Positions the cache can hold (S)."""
-        return self.k.shape[3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,51 +72,6 @@ class GenerateOutput:
     lengths: np.ndarray
 
 
-def kv_bytes_per_token(config: ModelConfig) -> int:
-    """Bytes the KV cache stores per token (all layers, keys and values, compute dtype)."""
-    return config.kv_floats_per_token() * jnp.dtype(config.compute_dtype).itemsize
-
-
-def init_cache(config: ModelConfig, batch: int, cache_size: int) -> KVCache:
-    """An empty cache for ``batch`` rows of up to ``cache_size`` positions."""
-    shape = (config.cache_layers, batch, config.n_kv_heads, cache_size, config.head_dim)
-    dtype = jnp.dtype(config.compute_dtype)
-    memory_width = config.d_model if config.family == "lrt" else 0
-    return KVCache(
-        jnp.zeros(shape, dtype),
-        jnp.zeros(shape, dtype),
-        jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch, memory_width), jnp.float32),
-    )
-
-
-def write_cache_entries(
-    cache_LxBxGxSxK: jax.Array, new_LxBxGxK: jax.Array, pos_B: jax.Array
-) -> jax.Array:
-    b = pos_B.shape[0]
-    # Advanced indices separated by a slice put the batch axis first: values are B x L x G x K.
-    return cache_LxBxGxSxK.at[:, jnp.arange(b), :, pos_B].set(
-        jnp.swapaxes(new_LxBxGxK, 0, 1).astype(cache_LxBxGxSxK.dtype), mode="promise_in_bounds"
-    )
-
-
-def prefilled_cache(
-    config: ModelConfig,
-    k_LxBxGxPxK: jax.Array,
-    v_LxBxGxPxK: jax.Array,
-    lengths_B: jax.Array,
-    cache_size: int,
-) -> KVCache:
-    """A cache of ``cache_size`` positions holding the prompt's pairs in positions [0, P)."""
-    cache = init_cache(config, k_LxBxGxPxK.shape[1], cache_size)
-    return KVCache(
-        jax.lax.dynamic_update_slice_in_dim(cache.k, k_LxBxGxPxK.astype(cache.k.dtype), 0, axis=3),
-        jax.lax.dynamic_update_slice_in_dim(cache.v, v_LxBxGxPxK.astype(cache.v.dtype), 0, axis=3),
-        lengths_B.astype(jnp.int32),
-        cache.memory,
-    )
-
-
 def _prefill(
     params: PyTree,
     tokens_BxP: jax.Array,
@@ -121,49 +79,13 @@ def _prefill(
     config: ModelConfig,
     cache_size: int,
 ) -> tuple[jax.Array, KVCache]:
-    module = family_module(config)
-    if module is not None:
-        return module.prefill(params, tokens_BxP, lengths_B, config, cache_size)
-    spec = config.attention_spec()
-    fn = layer_function(config)
-    recurrent = config.block_type == "recurrent"
-
-    def body(x: jax.Array, layer_params: PyTree) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        z, k, v = prefill_layer(layer_params, x, fn, spec, recurrent=recurrent)
-        return z, (k, v)
-
-    x_BxPxD, (k, v) = jax.lax.scan(body, embed(params, tokens_BxP), params["blocks"])
-    b, p = tokens_BxP.shape
-    last_BxD = x_BxPxD[jnp.arange(b), lengths_B - 1]
-    logits = head(params, last_BxD, config)
-    return logits, prefilled_cache(config, k, v, lengths_B, cache_size)
+    return get_family(config).prefill(params, tokens_BxP, lengths_B, config, cache_size)
 
 
 def _decode_step(
     params: PyTree, cache: KVCache, tokens_B: jax.Array, config: ModelConfig
 ) -> tuple[jax.Array, KVCache]:
-    module = family_module(config)
-    if module is not None:
-        return module.decode_step(params, cache, tokens_B, config)
-    spec = config.attention_spec()
-    recurrent = config.block_type == "recurrent"
-    pos_B = cache.lengths
-
-    def body(x: jax.Array, layer: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        layer_params, k_l, v_l = layer
-        z, k_new, v_new = decode_layer(layer_params, x, k_l, v_l, pos_B, spec, recurrent=recurrent)
-        return z, (k_new, v_new)
-
-    x_BxD, (k_new, v_new) = jax.lax.scan(
-        body, embed(params, tokens_B), (params["blocks"], cache.k, cache.v)
-    )
-    logits = head(params, x_BxD, config)
-    return logits, KVCache(
-        write_cache_entries(cache.k, k_new, pos_B),
-        write_cache_entries(cache.v, v_new, pos_B),
-        pos_B + 1,
-        cache.memory,
-    )
+    return get_family(config).decode_step(params, cache, tokens_B, config)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_size"))
@@ -307,48 +229,6 @@ def greedy_decode(
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
     tokens = _check_step(cache, tokens_B, config, n_steps)
     return _greedy_decode_loop_jit(params, cache, tokens, config, n_steps)
-
-
-def sample_logits(
-    logits_BxE: jax.Array,
-    key: jax.Array,
-    *,
-    vocab_size: int,
-    temperature: float | jax.Array = 0.0,
-    top_k: int | None = None,
-    top_p: float | jax.Array | None = None,
-    greedy: bool | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Next tokens (B,) and their log-probabilities under the model (B,), over the real vocabulary.
-
-    Only the first ``vocab_size`` logits are candidates. Greedy (argmax) when ``temperature`` is 0
-    (or ``greedy=True``); otherwise sample from softmax(logits / temperature) restricted to the
-    ``top_k`` largest logits and then to the smallest set whose probability reaches ``top_p``
-    (the most likely token always stays). The returned log-probabilities are those of the model
-    itself: log_softmax of the untempered logits over the real vocabulary.
-    """
-    logits = logits_BxE[:, :vocab_size].astype(jnp.float32)
-    logprobs_BxV = jax.nn.log_softmax(logits, axis=-1)
-    if greedy is None:
-        greedy = float(temperature) == 0.0
-    if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-    else:
-        scaled = logits / temperature
-        if top_k is not None and top_k < vocab_size:
-            kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-            scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-        if top_p is not None:
-            sorted_desc = -jnp.sort(-scaled, axis=-1)
-            probs = jax.nn.softmax(sorted_desc, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            keep = mass_before < top_p
-            keep = keep.at[:, 0].set(True)
-            threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-            scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-        tokens = jax.random.categorical(key, scaled, axis=-1)
-    tokens = tokens.astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logprobs_BxV, tokens[:, None], axis=-1)[:, 0]
 
 
 def _generate(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rt_jax
-from rt_jax.config import ModelConfig
+from rt_jax.config import MemoryConfig, ModelConfig
 from rt_jax.data.config import DataConfig
 from rt_jax.decoding import decode_step, prefill
 from rt_jax.models import lm, lrt
@@ -25,7 +25,8 @@ V, RESET = 13, 3
 _forward = jax.jit(lm.forward, static_argnames="config")
 
 
-def _cfg(**changes) -> ModelConfig:
+def _cfg(memory: dict | None = None, **changes) -> ModelConfig:
+    """The test model; ``memory`` holds MemoryConfig changes (kind layerwise, reset token RESET)."""
     base = dict(
         vocab_size=V,
         embedding_size=16,
@@ -35,10 +36,14 @@ def _cfg(**changes) -> ModelConfig:
         n_layers=2,
         block_type="transformer",
         position="rope",
-        memory="layerwise",
-        memory_reset_token=RESET,
+        memory=MemoryConfig(**{"kind": "layerwise", "reset_token": RESET, **(memory or {})}),
     )
     return ModelConfig(**{**base, **changes})
+
+
+def _with_memory(cfg: ModelConfig, **changes) -> ModelConfig:
+    """``cfg`` with MemoryConfig fields changed."""
+    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **changes))
 
 
 def _params(cfg, seed=0):
@@ -67,9 +72,9 @@ def _exact_merged_and_pass0(params, tokens, config):
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(memory_training="interleaved", memory_passes=5),
-        dict(memory_training="interleaved", memory_passes=5, memory_layer=0, position="alibi"),
-        dict(memory_training="refine", memory_passes=4, memory="shared"),
+        dict(memory=dict(training="interleaved", passes=5)),
+        dict(memory=dict(training="interleaved", passes=5, layer=0), position="alibi"),
+        dict(memory=dict(training="refine", passes=4, kind="shared")),
     ],
     ids=["interleaved-S=N", "interleaved-S=N-layer0-alibi", "refine-K=N-1-shared"],
 )
@@ -97,7 +102,7 @@ def test_memory_is_zero_at_start_and_after_reset():
     assert not keep[:, 0].any() and not keep[0, 5] and (keep == expected).all()
     # Position 0 (memory zero) gives the baseline Transformer's logits (gates at init).
     params = lm.init_params(cfg, jax.random.key(0))
-    standard = dataclasses.replace(cfg, memory="none")
+    standard = _with_memory(cfg, kind="none")
     baseline = _forward({k: v for k, v in params.items() if k != "lrt"}, tokens, standard)
     exact = _forward(params, tokens, cfg)
     np.testing.assert_allclose(exact[:, 0], baseline[:, 0], atol=1e-5)
@@ -127,7 +132,7 @@ def _check_causal(grads):
 
 @pytest.mark.parametrize("training", ["interleaved", "refine"])
 def test_exact_forward_and_training_passes_are_causal(training):
-    cfg = _cfg(memory_training=training, memory_passes=2, memory_layer=0)
+    cfg = _cfg(memory=dict(training=training, passes=2, layer=0))
     params = _params(cfg)
     tokens = _tokens(2, 6)
     x = lm.embed(params, tokens)
@@ -154,10 +159,10 @@ def test_exact_forward_and_training_passes_are_causal(training):
     ],
 )
 def test_parameter_counts(memory, injection, formula):
-    cfg = _cfg(memory=memory, memory_injection=injection)
+    cfg = _cfg(memory=dict(kind=memory, injection=injection))
     extra = formula(cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.n_kv_heads * cfg.head_dim)
     assert lrt.extra_params(cfg) == extra
-    plain = dataclasses.replace(cfg, memory="none")
+    plain = _with_memory(cfg, kind="none")
     assert cfg.non_embedding_params() == plain.non_embedding_params() + extra
     params = lm.init_params(cfg, jax.random.key(0))
     assert sum(a.size for a in jax.tree.leaves(params)) == cfg.total_params()
@@ -171,7 +176,7 @@ def test_parameter_counts(memory, injection, formula):
 @pytest.mark.parametrize("injection", ["both", "kv", "residual"])
 @pytest.mark.parametrize("position", ["alibi", "rope"])
 def test_zero_memory_at_init_is_the_transformer_layer(memory, injection, position):
-    cfg = _cfg(memory=memory, memory_injection=injection, position=position)
+    cfg = _cfg(memory=dict(kind=memory, injection=injection), position=position)
     params = lm.init_params(cfg, jax.random.key(1))
     spec = cfg.attention_spec()
     layer = {k: v[1] for k, v in params["blocks"].items()}
@@ -198,7 +203,7 @@ def test_zero_memory_at_init_is_the_transformer_layer(memory, injection, positio
 
 
 def test_decoding_equals_exact_forward_at_every_position():
-    cfg = _cfg(memory="shared", memory_layer=0)
+    cfg = _cfg(memory=dict(kind="shared", layer=0))
     params = _params(cfg)
     full = np.array(_tokens(3, 12, seed=5))
     full[1, 6] = RESET  # a reset inside row 1's decoded part
@@ -219,9 +224,9 @@ def test_decoding_equals_exact_forward_at_every_position():
     np.testing.assert_array_equal(best, out.tokens)
 
 
-def _train_cfg(**changes):
+def _train_cfg(memory: dict):
     return TrainConfig(
-        model=_cfg(vocab_size=257, embedding_size=264, memory_reset_token=256, **changes),
+        model=_cfg(vocab_size=257, embedding_size=264, memory={"reset_token": 256, **memory}),
         data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=4, batch_size=4),
         steps=2,
         lr=3e-3,
@@ -243,7 +248,7 @@ def _loss_and_pass_means(params, inputs, targets, config):
 def test_train_step_and_eval_sums():
     """The sharded step (data=2, fsdp=2, tensor=2) trains on the mean over passes of each pass's
     mean CE; every memory parameter moves; eval reports the exact and the parallel CE."""
-    cfg = _train_cfg(memory="layerwise", memory_passes=2)
+    cfg = _train_cfg(memory=dict(kind="layerwise", passes=2))
     batches = [np.random.default_rng(i).integers(0, 257, (4, 5)).astype(np.int32) for i in (0, 1)]
     ts = build_train_step(cfg, make_mesh(MeshConfig(2, 2, 2)))
     state = ts.init()
@@ -270,8 +275,8 @@ def test_train_step_and_eval_sums():
 
 
 def test_flops_count_every_pass():
-    cfg = _cfg(memory="shared")
-    plain = dataclasses.replace(cfg, memory="none")
+    cfg = _cfg(memory=dict(kind="shared"))
+    plain = _with_memory(cfg, kind="none")
     forward = flops.forward_flops_per_token(cfg, 8)
     assert (
         forward - flops.forward_flops_per_token(plain, 8)
@@ -279,28 +284,25 @@ def test_flops_count_every_pass():
         > 0
     )
     assert flops.train_flops_per_token(cfg, 8) == 2 * 3 * forward
-    refine = dataclasses.replace(cfg, memory_training="refine", memory_passes=3)
+    refine = _with_memory(cfg, training="refine", passes=3)
     assert flops.train_flops_per_token(refine, 8) == 4 * 3 * forward
-    layerwise = dataclasses.replace(cfg, memory="layerwise")
+    layerwise = _with_memory(cfg, kind="layerwise")
     assert lrt.extra_forward_flops_per_token(layerwise, 8) > lrt.extra_forward_flops_per_token(
         cfg, 8
     )
-    assert (
-        lrt.extra_forward_flops_per_token(dataclasses.replace(cfg, memory_injection="residual"), 8)
-        == 0
-    )
+    assert lrt.extra_forward_flops_per_token(_with_memory(cfg, injection="residual"), 8) == 0
 
 
 @pytest.mark.parametrize(
     "changes, match",
     [
         (dict(block_type="recurrent"), "Transformer block only"),
-        (dict(memory_layer=2), "memory_layer=2"),
-        (dict(memory_layer=-2), "memory_layer=-2"),
-        (dict(memory_passes=0), "memory_passes=0"),
-        (dict(memory_reset_token=V), "memory_reset_token"),
-        (dict(memory="both"), "memory='both'"),
-        (dict(memory_injection="gate"), "memory_injection"),
+        (dict(memory=dict(layer=2)), "memory.layer=2"),
+        (dict(memory=dict(layer=-2)), "memory.layer=-2"),
+        (dict(memory=dict(passes=0)), "memory.passes=0"),
+        (dict(memory=dict(reset_token=V)), "memory.reset_token"),
+        (dict(memory=dict(kind="both")), "memory.kind='both'"),
+        (dict(memory=dict(injection="gate")), "memory.injection"),
     ],
 )
 def test_invalid_configs_raise(changes, match):
@@ -309,7 +311,7 @@ def test_invalid_configs_raise(changes, match):
 
 
 def test_seq_len_not_divisible_by_subsets_raises():
-    cfg = _cfg(memory_passes=3)
+    cfg = _cfg(memory=dict(passes=3))
     params = lm.init_params(cfg, jax.random.key(0))
     tokens = _tokens(1, 8)
     with pytest.raises(ValueError, match="seq_len=8 is not divisible"):

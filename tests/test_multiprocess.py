@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from rt_jax.train.config import apply_overrides, get_preset
 from rt_jax.train.loop import train
@@ -24,13 +25,14 @@ def _free_port() -> int:
 
 
 def _losses(run_dir):
-    lines = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return (
         np.asarray([r["loss"] for r in lines if "loss" in r]),
         np.asarray([r["val_ce"] for r in lines if "val_ce" in r]),
     )
 
 
+@pytest.mark.slow  # two extra processes compile the train step: about a CPU-minute
 def test_two_processes_match_one(tmp_path):
     port = _free_port()
     env = {
@@ -38,7 +40,7 @@ def test_two_processes_match_one(tmp_path):
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
     }
-    procs = []
+    procs, logs = [], []
     for pid in range(2):
         cmd = [sys.executable, "-m", "experiments.train", "--preset", "tiny"]
         cmd += ["--workdir", str(tmp_path / "multi"), "--no-progress"]
@@ -49,7 +51,8 @@ def test_two_processes_match_one(tmp_path):
             f"process_id={pid}",
         ]:
             cmd += ["--set", item]
-        log = open(tmp_path / f"proc{pid}.log", "w")
+        log = open(tmp_path / f"proc{pid}.log", "w")  # noqa: SIM115 (closed below)
+        logs.append(log)
         procs.append(
             subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -64,6 +67,8 @@ def test_two_processes_match_one(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)  # JAX catches SIGTERM; kill hard
                 p.wait()
+        for log in logs:
+            log.close()
     logs = [(tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2)]
     assert all(p.returncode == 0 for p in procs), logs
 

@@ -91,12 +91,16 @@ def test_gpu_kernels_export_for_cuda():
         return gpu.grads(q, k, v, g, lse, delta, qp, kp, SPEC, config=GPU_H100)
 
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    # jax >= 0.11 asks the abstract mesh which GPU the Triton lowering targets (no GPU here).
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    target = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
     for t, s in TILES:
         merge_args, grads_args = _shapes(BATCH_PER_CHIP, t, s)
         for fn, args, n_kernels in ((merge, merge_args, 1), (grads, grads_args, 2)):
-            exported = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[triton])(
-                *args
-            )
+            with jax.sharding.use_abstract_mesh(target):
+                exported = export.export(
+                    jax.jit(fn), platforms=("cuda",), disabled_checks=[triton]
+                )(*args)
             assert exported.mlir_module().count("__gpu$xla.gpu.triton") == n_kernels
             blob = exported.serialize()
             assert export.deserialize(blob).platforms == ("cuda",)

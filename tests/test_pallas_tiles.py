@@ -1,6 +1,7 @@
 """Pallas tile kernels (TPU and GPU variants, interpret mode) against the jnp tile references."""
 
 import functools
+import os
 
 import chex
 import jax
@@ -21,11 +22,14 @@ from rt_jax.ops.pallas_tiles import pallas_tile_ops
 # block split over two resident calls.
 TPU_SMALL = TpuTileConfig(block_q=128, block_k=128, max_resident_keys=256)
 GPU_SMALL = GpuTileConfig(block_q=16, block_k=32)
+# RT_PALLAS_COMPILED=1 (set by `make gpu-check` on a GPU machine, never by `make test`): compile
+# the GPU kernels instead of interpreting them (run with -k "gpu and not tpu").
+GPU_INTERPRET = os.environ.get("RT_PALLAS_COMPILED") != "1"
 KERNELS = {
     "tpu": (functools.partial(tpu.merge, config=TPU_SMALL, interpret=True),
             functools.partial(tpu.grads, config=TPU_SMALL, interpret=True)),
-    "gpu": (functools.partial(gpu.merge, config=GPU_SMALL, interpret=True),
-            functools.partial(gpu.grads, config=GPU_SMALL, interpret=True)),
+    "gpu": (functools.partial(gpu.merge, config=GPU_SMALL, interpret=GPU_INTERPRET),
+            functools.partial(gpu.grads, config=GPU_SMALL, interpret=GPU_INTERPRET)),
 }  # fmt: skip
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 # (backend, dtype, position, heads, kv heads, T, S)

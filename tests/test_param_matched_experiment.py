@@ -119,7 +119,7 @@ def test_models_selects_and_adds_same_shape_families():
     assert [p.family_name for p in only.compare] == ["recurrent"]
     added = param_matched.select_models(cfg, ["transformer", "lrt-shared"])
     assert [p.family_name for p in added.compare] == ["transformer", "lrt-shared"]
-    assert added.compare[1].options == "memory=shared"
+    assert added.compare[1].options == "memory.kind=shared"
     assert added.compare[1].n_layers == cfg.compare[0].n_layers
     with pytest.raises(ValueError, match="need a preset"):
         param_matched.select_models(cfg, ["mesh"])

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import rt_jax
-from rt_jax.config import ModelConfig
+from rt_jax.config import LoopConfig, ModelConfig
 from rt_jax.decoding import decode_step, prefill
 from rt_jax.models import lm, recursive
 from rt_jax.train.sharding import logical_axes, path_name
@@ -26,7 +26,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 HANDOFFS = ("base", "residual", "anchor", "anchor-emb", "mesh")
 
 
-def _config(handoff: str, block_type: str = "transformer", **kw) -> ModelConfig:
+def _config(
+    handoff: str, block_type: str = "transformer", loop: str = LOOP, mesh_slots=None, **kw
+) -> ModelConfig:
     fields = dict(
         vocab_size=VOCAB,
         embedding_size=48,
@@ -37,8 +39,7 @@ def _config(handoff: str, block_type: str = "transformer", **kw) -> ModelConfig:
         block_type=block_type,
         impl="reference",
         position="alibi",
-        loop=LOOP,
-        handoff=handoff,
+        loop=LoopConfig(loop, handoff, mesh_slots),
         embed_scale=handoff in ("anchor-emb", "mesh"),
     )
     fields.update(kw)
@@ -67,7 +68,7 @@ def _unrolled_hidden(params, x_emb, cfg: ModelConfig, order: list[int]):
     spec = cfg.attention_spec()
     e = x_emb
     h = layer(unrolled[0], e, spec)  # prelude
-    if cfg.handoff == "mesh":
+    if cfg.loop.handoff == "mesh":
         r = params["routers"]
         slots = [e] + [jnp.zeros_like(e)] * (recursive.n_slots(cfg) - 1)
 
@@ -84,13 +85,13 @@ def _unrolled_hidden(params, x_emb, cfg: ModelConfig, order: list[int]):
         out = h
         for layer_params in unrolled[1 + c * t : 1 + c * (t + 1)]:
             out = layer(layer_params, out, spec)
-        if cfg.handoff == "base":
+        if cfg.loop.handoff == "base":
             h = out
-        elif cfg.handoff == "residual":
+        elif cfg.loop.handoff == "residual":
             h = out + h
-        elif cfg.handoff == "anchor":
+        elif cfg.loop.handoff == "anchor":
             h = out + h0
-        elif cfg.handoff == "anchor-emb":
+        elif cfg.loop.handoff == "anchor-emb":
             h = out + e
         else:
             h = cycle(t + 1, h, out)
@@ -114,7 +115,7 @@ def test_equals_unrolled_copies_and_is_causal(block_type, handoff):
     copies = jax.tree.map(lambda a: a[np.array(SMALL_UNROLLED)], params["blocks"])
     flat = {**params, "blocks": copies}
     plain = dataclasses.replace(  # a standard model of the copies
-        cfg, loop="", n_layers=4, handoff="base", embed_scale=False, mesh_slots=None
+        cfg, loop=LoopConfig(), n_layers=4, embed_scale=False
     )
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
@@ -186,7 +187,9 @@ def test_one_hot_mesh_reproduces_handoff(target, loop, choices):
     forward = jax.jit(recursive.forward, static_argnums=2, compiler_options=FAST_COMPILE)
     got = forward(params, tokens, cfg)
     plain = {k: v for k, v in params.items() if k != "routers"}
-    want = forward(plain, tokens, dataclasses.replace(cfg, handoff=target))
+    want = forward(
+        plain, tokens, dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, handoff=target))
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -260,12 +263,16 @@ def test_init_is_depth_aware_and_routers_as_documented():
 
 def test_router_count_and_config_params():
     cfg = ModelConfig(
-        vocab_size=50257, d_model=2048, n_heads=16, n_layers=16, loop="4+8R2+4", handoff="mesh"
+        vocab_size=50257,
+        d_model=2048,
+        n_heads=16,
+        n_layers=16,
+        loop=LoopConfig("4+8R2+4", handoff="mesh"),
     )
     assert recursive.extra_params(cfg) == 61_470
     shapes = jax.eval_shape(lambda: lm.init_params(cfg, jax.random.PRNGKey(0)))
     assert sum(x.size for x in jax.tree.leaves(shapes["routers"])) == 61_470
-    plain = dataclasses.replace(cfg, handoff="base")
+    plain = dataclasses.replace(cfg, loop=LoopConfig("4+8R2+4"))
     assert cfg.non_embedding_params() - plain.non_embedding_params() == 61_470
     assert recursive.extra_params(plain) == 0
 

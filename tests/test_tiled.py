@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rt_jax.ops import tiled
 from rt_jax.ops.block import AttentionSpec, param_shapes
 from rt_jax.ops.reference import recurrent_layer_reference
 from rt_jax.ops.tiled import recurrent_layer_tiled
-from rt_jax.ops.tiles import JNP_TILE_OPS, TileOps, block_grads, merge_block
+from rt_jax.ops.tiles import JNP_TILE_OPS, SoftmaxState, TileOps, block_grads, merge_block
 from rt_jax.ops.transformer import transformer_layer
 
 D_MODEL, MLP = 16, 32
@@ -147,15 +148,38 @@ def test_padding_never_produces_nan_or_inf():
 
 
 def _counting_tile_ops(log):
+    """Tile ops that log every call: (first query position, first key position, rows, T, S)."""
+
+    def record(kind, q, k, q_pos, k_pos):
+        rows, t, s = q.shape[0], q.shape[2], k.shape[2]
+        jax.debug.callback(
+            lambda a, b: log[kind].append((int(a), int(b), rows, t, s)), q_pos[0], k_pos[0]
+        )
+
     def merge(q, k, v, state, q_pos, k_pos, spec):
-        jax.debug.callback(lambda a, b: log["merge"].append((int(a), int(b))), q_pos[0], k_pos[0])
+        record("merge", q, k, q_pos, k_pos)
         return merge_block(q, k, v, state, q_pos, k_pos, spec)
 
     def grads(q, k, v, g, lse, delta, q_pos, k_pos, spec):
-        jax.debug.callback(lambda a, b: log["grads"].append((int(a), int(b))), q_pos[0], k_pos[0])
+        record("grads", q, k, q_pos, k_pos)
         return block_grads(q, k, v, g, lse, delta, q_pos, k_pos, spec)
 
     return TileOps(merge=merge, grads=grads, name="counting")
+
+
+def _leaf_pairs(calls, leaf, batch):
+    """Split logged calls into leaf-pair tiles (a Counter of (query leaf, key leaf)) and the rest.
+
+    The rest are the backward's causal-pass calls, batched over chunks (rows = chunks x batch) with
+    chunk-relative positions; returned as the number of leaf pairs they cover.
+    """
+    pairs, batched = collections.Counter(), 0
+    for q0, k0, rows, t, s in calls:
+        if rows == batch and t == s == leaf:
+            pairs[(q0 // leaf, k0 // leaf)] += 1
+        else:
+            batched += (rows // batch) * (t // leaf) * (s // leaf)
+    return pairs, batched
 
 
 def test_every_cross_leaf_tile_goes_through_tile_ops_exactly_once():
@@ -173,19 +197,72 @@ def test_every_cross_leaf_tile_goes_through_tile_ops_exactly_once():
         params, x
     )
     jax.block_until_ready(z)
-    pairs = collections.Counter((q // leaf, k // leaf) for q, k in log["merge"])
     n_leaves = -(-n // leaf)
     expected = collections.Counter((j, s) for j in range(n_leaves) for s in range(j))
-    assert pairs == expected  # forward: each (query leaf, earlier key leaf) tile once
+    pairs, batched = _leaf_pairs(log["merge"], leaf, 1)
+    assert pairs == expected and batched == 0  # forward: each (query leaf, earlier key leaf) once
     log.clear()
     jax.block_until_ready(jax.jit(jax.grad(loss))(params, x))
-    merges = collections.Counter((q // leaf, k // leaf) for q, k in log["merge"])
-    assert merges == expected + expected  # forward again + the attention recompute
-    grads = collections.Counter((q // leaf, k // leaf) for q, k in log["grads"])
-    assert grads == expected  # mirrored backward tiles
+    pairs, batched = _leaf_pairs(log["merge"], leaf, 1)
+    assert pairs == expected  # forward again
+    assert batched == sum(expected.values())  # the attention recompute: one causal pass
+    pairs, batched = _leaf_pairs(log["grads"], leaf, 1)
+    assert pairs == expected  # mirrored dK, dV tiles in the reverse scan
+    assert batched == sum(expected.values())  # dq: one causal pass after the scan
     # Same numbers as with the default tile ops.
     z_jnp = jax.jit(lambda p, xx: recurrent_layer_tiled(p, xx, spec, leaf_size=leaf))(params, x)
     np.testing.assert_array_equal(z, z_jnp)
+
+
+@pytest.mark.parametrize("n_leaves", [1, 2, 5, 6, 8])
+def test_causal_pass_equals_leaf_pair_loops(n_leaves):
+    """The backward's batched causal pass covers each cross-leaf pair exactly once (float64).
+
+    Against the leaf x leaf loops: query leaf j merges key leaves [0, j) one tile at a time; dq of
+    query leaf j sums the tiles' dq over key leaves [0, j). A pair done twice or missed differs.
+    """
+    leaf, b, h, g, kd = 3, 2, 4, 2, 4
+    spec = AttentionSpec(h, g, kd, position="alibi", compute_dtype="float64")
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.PRNGKey(9), 8)
+        q = jax.random.normal(ks[0], (n_leaves, b, h, leaf, kd), jnp.float64)
+        k = jax.random.normal(ks[1], (n_leaves, b, g, leaf, kd), jnp.float64)
+        v = jax.random.normal(ks[2], (n_leaves, b, g, leaf, kd), jnp.float64)
+        state = tiles_state(ks[3], (n_leaves, b, h, leaf, kd))
+        gr = jax.random.normal(ks[4], (n_leaves, b, h, leaf, kd), jnp.float64)
+        lse = jax.random.normal(ks[5], (n_leaves, b, h, leaf), jnp.float64) + 4.0
+        delta = jax.random.normal(ks[6], (n_leaves, b, h, leaf), jnp.float64)
+        tensors = (q, k, v, gr, lse, delta)
+        got = tiled._causal_merge(JNP_TILE_OPS, spec, leaf, q, k, v, state)
+        want = state
+        dq_want = jnp.zeros_like(q)
+        for j in range(1, n_leaves):
+            want = tiled._merge_leaf_tiles(JNP_TILE_OPS, spec, leaf, q, k, v, want, j, j + 1, 0, j)
+            dq_want, _, _ = tiled._grad_leaf_tiles(
+                JNP_TILE_OPS,
+                spec,
+                leaf,
+                tensors,
+                (dq_want, jnp.zeros_like(k), jnp.zeros_like(k)),
+                j,
+                j + 1,
+                0,
+                j,
+            )
+        for a, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-12, atol=1e-12)
+        dq = tiled._causal_dq(JNP_TILE_OPS, spec, leaf, tensors)
+        np.testing.assert_allclose(np.asarray(dq), np.asarray(dq_want), rtol=1e-12, atol=1e-12)
+
+
+def tiles_state(key, shape):
+    """A random online-softmax state (acc, max, den > 0) of the given acc shape, float64."""
+    ka, km, kd = jax.random.split(key, 3)
+    return SoftmaxState(
+        jax.random.normal(ka, shape, jnp.float64),
+        jax.random.normal(km, shape[:-1], jnp.float64) + 3.0,
+        jnp.exp(jax.random.normal(kd, shape[:-1], jnp.float64)),
+    )
 
 
 _SHAPE = re.compile(r"\b(?:f16|bf16|f32|f64|s32|s64|pred|u32|s8|u8)\[([0-9,]*)\]")

@@ -1,11 +1,12 @@
 """TrainConfig, presets, overrides, schedule, and the early validation errors."""
 
 import dataclasses
+import pathlib
 
 import numpy as np
 import pytest
 
-from rt_jax.config import ModelConfig
+from rt_jax.config import LoopConfig, MemoryConfig, ModelConfig
 from rt_jax.data.config import DataConfig
 from rt_jax.train.config import (
     PRESETS,
@@ -16,6 +17,7 @@ from rt_jax.train.config import (
     config_from_dict,
     config_to_dict,
     get_preset,
+    load_config,
     with_point,
 )
 from rt_jax.train.loop import check_vocab
@@ -175,3 +177,49 @@ def test_train_config_rejects_bad_values():
         TrainConfig(data=DataConfig(batch_size=8), microbatches=3)
     with pytest.raises(ValueError, match="float64"):
         TrainConfig(model=ModelConfig(compute_dtype="float64"))
+
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("preset", ["cpu-lrt", "cpu-mesh"])
+def test_run_configs_saved_before_the_sections_load(preset):
+    """Configs written by ``save_config`` before the family sections existed (flat ``memory``,
+    ``memory_*``, ``loop``, ``handoff``, ``mesh_slots`` and flat ModelPoint options; the files in
+    tests/data were written by commit 444658c) load as the same models."""
+    old = load_config(DATA / f"run_config_{preset}_flat.json")
+    new = get_preset(preset)
+    assert old.model == new.model
+    for old_point, new_point in zip(old.compare, new.compare, strict=True):
+        assert old_point.options != new_point.options or not old_point.options
+        assert with_point(old, old_point, 0) == with_point(new, new_point, 0)
+
+
+def test_single_model_run_configs_saved_before_the_sections_load():
+    lrt = load_config(DATA / "run_config_lrt-shared-4L_s1_flat.json").model
+    assert lrt.family == "lrt" and lrt.memory == MemoryConfig(kind="shared", reset_token=256)
+    mesh = load_config(DATA / "run_config_mesh_s0_flat.json").model
+    assert mesh.family == "recursive" and mesh.embed_scale
+    assert mesh.loop == LoopConfig(layout="1+2R2+1", handoff="mesh")
+    assert (
+        config_from_dict(config_to_dict(load_config(DATA / "run_config_mesh_s0_flat.json"))).model
+        == mesh
+    )
+
+
+def test_section_overrides_and_the_old_flat_names():
+    cfg = apply_overrides(
+        get_preset("cpu-lrt"), ["model.memory.kind=shared", "model.memory.layer=2"]
+    )
+    assert cfg.model.memory == MemoryConfig(kind="shared", layer=2, reset_token=256)
+    cfg = apply_overrides(
+        get_preset("cpu-demo"),
+        ["model.loop.layout=1+2R2+1", "model.loop.handoff=mesh", "model.n_layers=4"],
+    )
+    assert cfg.model.family == "recursive" and cfg.model.cache_layers == 6
+    with pytest.raises(ValueError, match=r"model\.memory\.layer"):
+        apply_overrides(get_preset("cpu-lrt"), ["model.memory_layer=2"])
+    with pytest.raises(ValueError, match=r"memory\.layer=9"):
+        apply_overrides(get_preset("cpu-lrt"), ["model.memory.kind=shared", "model.memory.layer=9"])
+    with pytest.raises(ValueError, match=r"loop\.handoff='ring'"):
+        apply_overrides(get_preset("cpu-demo"), ["model.loop.handoff=ring"])

@@ -2,7 +2,9 @@
 
 ``init_params`` and ``forward`` are pure functions on a parameter pytree; ``LanguageModel`` is a thin
 Flax NNX module that owns those parameters (so ``model(tokens)`` works and Optax/Orbax see ordinary
-``nnx.Param`` leaves). Blocks are stored stacked along a leading layer axis and run with
+``nnx.Param`` leaves). ``init_params``, ``forward``, ``loss_sums`` and ``eval_sums`` run any model
+family through its registered ``ModelFamily`` (``rt_jax.models.family``); the rest are the
+building blocks every family shares. Blocks are stored stacked along a leading layer axis and run with
 ``jax.lax.scan``, so compile time does not grow with depth.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rt_jax.config import ModelConfig
+from rt_jax.models.family import get_family
 from rt_jax.ops.block import AttentionSpec, Params, layer_norm, param_shapes
 from rt_jax.ops.reference import recurrent_layer_reference
 from rt_jax.ops.transformer import transformer_layer
@@ -60,30 +63,9 @@ def _truncated_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax
     return std * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
 
 
-def family_module(config: ModelConfig) -> Any:
-    """The module implementing ``config.family`` (``lrt`` or ``recursive``), None for standard.
-
-    A family module provides ``validate``, ``extra_params``, ``init_params``, ``forward``,
-    ``prefill`` and ``decode_step`` with the signatures of the standard ones here (and in
-    ``rt_jax.decoding``); it may also provide ``loss_sums`` and ``eval_sums``.
-    """
-    if config.family == "lrt":
-        from rt_jax.models import lrt
-
-        return lrt
-    if config.family == "recursive":
-        from rt_jax.models import recursive
-
-        return recursive
-    return None
-
-
 def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
-    """Random parameters for ``config`` (standard models: see ``init_standard_params``)."""
-    module = family_module(config)
-    if module is not None:
-        return module.init_params(config, key)
-    return init_standard_params(config, key)
+    """Random parameters for ``config``, by its model family (standard: ``init_standard_params``)."""
+    return get_family(config).init_params(config, key)
 
 
 def init_standard_params(config: ModelConfig, key: jax.Array) -> PyTree:
@@ -179,10 +161,7 @@ def forward(params: PyTree, tokens_BxN: jax.Array, config: ModelConfig) -> jax.A
     For LRT models these are the exact recurrent logits (the memory carried token by token).
     """
     check_tokens(tokens_BxN, config.vocab_size)
-    module = family_module(config)
-    if module is not None:
-        return module.forward(params, tokens_BxN, config)
-    return head(params, run_blocks(params, embed(params, tokens_BxN), config), config)
+    return get_family(config).forward(params, tokens_BxN, config)
 
 
 def cross_entropy_sums(
@@ -209,22 +188,14 @@ def loss_sums(
     Standard models: the sums of ``cross_entropy_sums`` over the forward's logits. A family may
     train with another objective (LRT: the mean over its parallel passes, rescaled to B*N tokens).
     """
-    module = family_module(config)
-    if module is not None and hasattr(module, "loss_sums"):
-        return module.loss_sums(params, inputs_BxN, targets_BxN, config)
-    logits = forward(params, inputs_BxN, config)
-    return cross_entropy_sums(logits, targets_BxN, config.vocab_size)
+    return get_family(config).loss_sums(params, inputs_BxN, targets_BxN, config)
 
 
 def eval_sums(
     params: PyTree, inputs_BxN: jax.Array, targets_BxN: jax.Array, config: ModelConfig
 ) -> dict[str, jax.Array]:
     """Validation sums: ``ce_sum`` of the exact model, plus family extras (``ce_sum_<name>``)."""
-    module = family_module(config)
-    if module is not None and hasattr(module, "eval_sums"):
-        return module.eval_sums(params, inputs_BxN, targets_BxN, config)
-    logits = forward(params, inputs_BxN, config)
-    return {"ce_sum": cross_entropy_sums(logits, targets_BxN, config.vocab_size)[0]}
+    return get_family(config).eval_sums(params, inputs_BxN, targets_BxN, config)
 
 
 class ParamDict(nnx.Module):
@@ -269,7 +240,7 @@ class LanguageModel(nnx.Module):
             if rngs is None:
                 raise ValueError("LanguageModel needs rngs=nnx.Rngs(seed) or params=...")
             params = init_params(config, rngs.params())
-        layer_function(config)  # fail fast on an impl that cannot run here
+        get_family(config).validate(config)  # fail fast on an impl that cannot run here
         self.config = config
         self.tree = ParamDict(params)
 

@@ -1,28 +1,28 @@
 """Latent Recurrent Transformer (LRT, Huang et al. 2026) on the standard Transformer block.
 
-The memory of position t is the source state of position t-1 (``memory_layer=-1``: the final
+The memory of position t is the source state of position t-1 (``memory.layer=-1``: the final
 normalised state LN_f(x_L) that feeds the head; ``i >= 0``: the residual stream after layer i),
-zero at t = 0 and after a ``memory_reset_token`` (document starts). Every layer l reads it, with
+zero at t = 0 and after a ``memory.reset_token`` (document starts). Every layer l reads it, with
 u = LN_attn(x) the layer's attention input:
 
     x      <- x + gamma_l * m                                   ResidualInjection (gamma init 0.1)
     g_loc, g_mem = split(2 * sigmoid(u @ W_g,l))                 per token and kv head (W_g init 0)
     k, v   = g_loc * split(u @ w_kv) + g_mem * split(m @ W_kvmem) KVProjection, then LN_k (+ RoPE)
 
-and then runs the baseline layer unchanged (queries, attention, MLP). ``memory="shared"`` uses one
+and then runs the baseline layer unchanged (queries, attention, MLP). ``memory.kind="shared"`` uses one
 W_kvmem for every layer (computed once per token), ``"layerwise"`` one per layer;
-``memory_injection="kv"`` drops gamma, ``"residual"`` drops the gates and W_kvmem. With zero memory
+``memory.injection="kv"`` drops gamma, ``"residual"`` drops the gates and W_kvmem. With zero memory
 and the gates at init, a layer equals ``transformer_layer`` exactly.
 
 Three ways to run one model, all built from ``_run_layers`` (a scan over the stacked layers):
 
 * exact (``forward``, ``prefill``, ``decode_step``): the true recurrence, token by token with a KV
   cache and the carried memory; all three call the same ``_token_step``.
-* interleaved training (``memory_training="interleaved"``, S = ``memory_passes``): pass 0 runs the
+* interleaved training (``memory.training="interleaved"``, S = ``memory.passes``): pass 0 runs the
   full sequence with zero memory and keeps every layer's K/V and the source states; then subsets
   s = 0..S-1 in order (positions p = s mod S, static strided slices) rerun with the latest memory,
   write their fresh K/V into the buffer and attend causally to the whole buffer.
-* multi-refinement (``"refine"``, K = ``memory_passes``): K more full passes, each with the
+* multi-refinement (``"refine"``, K = ``memory.passes``): K more full passes, each with the
   previous pass's shifted source states as memory.
 
 Training loss: the mean over passes of each pass's mean cross-entropy (nothing detached).
@@ -37,8 +37,12 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from rt_jax.decoding import KVCache, init_cache, write_cache_entries
+from rt_jax.models.family import PartitionRules, register_family
+from rt_jax.models.flops import TRAIN_FACTOR, forward_flops_per_token
+from rt_jax.models.kv_cache import KVCache, init_cache, write_cache_entries
 from rt_jax.models.lm import cross_entropy_sums, embed, head, init_standard_params
+from rt_jax.models.standard import PARTITION_RULES as STANDARD_RULES
+from rt_jax.models.standard import StandardFamily
 from rt_jax.ops.block import (
     AttentionSpec,
     Params,
@@ -64,33 +68,19 @@ GAMMA_INIT = 0.1
 
 def uses_residual(config: ModelConfig) -> bool:
     """Whether the memory is added to the residual stream (gamma)."""
-    return config.memory_injection in ("both", "residual")
+    return config.memory.uses_residual()
 
 
 def uses_kv(config: ModelConfig) -> bool:
     """Whether the memory is mixed into the keys and values (gates and W_kvmem)."""
-    return config.memory_injection in ("both", "kv")
+    return config.memory.uses_kv()
 
 
-def validate(config: ModelConfig) -> None:
-    """Raise ValueError unless ``config`` describes a valid LRT model."""
-    if config.block_type != "transformer":
-        raise ValueError(
-            f"LRT (memory={config.memory!r}) runs on the Transformer block only, got "
-            f"block_type={config.block_type!r}: set block_type='transformer' or memory='none'"
-        )
-    passes = config.memory_passes
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(
-            f"ModelConfig.memory_passes={passes!r} must be a positive int (interleaved: the "
-            "number S of position subsets; refine: the number K of extra full passes)"
-        )
-    layer = config.memory_layer
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer < config.n_layers:
-        raise ValueError(
-            f"ModelConfig.memory_layer={layer!r}: use -1 (the final normalised state) or a layer "
-            f"index in [0, n_layers={config.n_layers})"
-        )
+def validate(config: ModelConfig, seq_len: int | None = None) -> None:
+    """Raise ValueError unless training can run on ``seq_len`` positions (the config itself is
+    checked by ``MemoryConfig``)."""
+    if seq_len is not None:
+        check_seq_len(config, seq_len)
 
 
 def memory_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -102,7 +92,7 @@ def memory_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["gamma"] = (n_layers,)
     if uses_kv(config):
         shapes["w_gate"] = (n_layers, d, 2 * config.n_kv_heads)
-        if config.memory == "shared":
+        if config.memory.kind == "shared":
             shapes["w_kvmem_shared"] = (d, 2 * kv_dim)
         else:
             shapes["w_kvmem"] = (n_layers, d, 2 * kv_dim)
@@ -199,7 +189,7 @@ def lrt_layer(
     """One LRT layer over a whole sequence given each position's memory (BxNxD). Returns BxNxD.
 
     ``params`` holds the block parameters plus this layer's ``gamma``, ``w_gate`` and ``w_kvmem``
-    (the shared matrix for ``memory="shared"``), as present. Zero memory with the gates at init
+    (the shared matrix for ``memory.kind="shared"``), as present. Zero memory with the gates at init
     gives ``transformer_layer`` exactly.
     """
     pos_N = jnp.arange(x_BxNxD.shape[1])
@@ -227,7 +217,7 @@ def _run_layers(
 ) -> tuple[jax.Array, jax.Array, Any]:
     """All layers over the positions ``pos_N`` given their memory: (x_L, source state, outputs).
 
-    The source state is LN_f(x_L) (``memory_layer=-1``) or the output of layer ``memory_layer``;
+    The source state is LN_f(x_L) (``memory.layer=-1``) or the output of layer ``memory.layer``;
     ``layer_buffers`` (leading layer axis, or None) are scanned alongside the layers and handed to
     ``attend``, whose second result is stacked over layers.
     """
@@ -238,7 +228,7 @@ def _run_layers(
     shared_kv = None
     if "w_kvmem_shared" in memory:
         shared_kv = memory_kv(memory["w_kvmem_shared"], mem_BxNxD, spec)
-    source_layer = config.memory_layer
+    source_layer = config.memory.layer
 
     def body(carry: tuple, xs: tuple) -> tuple[tuple, Any]:
         x, src = carry
@@ -296,7 +286,7 @@ def _token_step(
         params, x_1xBxD, mem_1xBxD, pos_B, config, attend, (k_cache_LxBxGxSxK, v_cache_LxBxGxSxK)
     )
     logits = head(params, x[0], config)
-    keep_B = tokens_B != config.memory_reset_token
+    keep_B = tokens_B != config.memory.reset_token
     next_mem = jnp.where(keep_B[:, None], src[0], jnp.zeros_like(src[0]))
     return logits, k_new, v_new, next_mem
 
@@ -398,7 +388,7 @@ def memory_keep(tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
     """BxN booleans: position t has a memory (t > 0 and token t-1 is not the reset token)."""
     n = tokens_BxN.shape[1]
     prev = jnp.concatenate([tokens_BxN[:, :1], tokens_BxN[:, :-1]], axis=1)
-    return (jnp.arange(n)[None, :] > 0) & (prev != config.memory_reset_token)
+    return (jnp.arange(n)[None, :] > 0) & (prev != config.memory.reset_token)
 
 
 def shifted_memory(src_BxNxD: jax.Array, keep_BxN: jax.Array) -> jax.Array:
@@ -408,12 +398,12 @@ def shifted_memory(src_BxNxD: jax.Array, keep_BxN: jax.Array) -> jax.Array:
 
 
 def check_seq_len(config: ModelConfig, seq_len: int) -> None:
-    """ValueError unless interleaved training can split ``seq_len`` into memory_passes subsets."""
-    if config.memory_training == "interleaved" and seq_len % config.memory_passes:
+    """ValueError unless interleaved training can split ``seq_len`` into memory.passes subsets."""
+    if config.memory.training == "interleaved" and seq_len % config.memory.passes:
         raise ValueError(
-            f"LRT interleaved training splits the sequence into memory_passes="
-            f"{config.memory_passes} strided subsets, but seq_len={seq_len} is not divisible by "
-            "it: change data.seq_len or model.memory_passes"
+            f"LRT interleaved training splits the sequence into memory.passes="
+            f"{config.memory.passes} strided subsets, but seq_len={seq_len} is not divisible by "
+            "it: change data.seq_len or model.memory.passes"
         )
 
 
@@ -447,13 +437,13 @@ def parallel_passes_embedded(
         params, x0, jnp.zeros_like(x0), pos, config, full_attend, None
     )
     passes = [(slice(None), head(params, x, config))]
-    if config.memory_training == "refine":
-        for _ in range(config.memory_passes):
+    if config.memory.training == "refine":
+        for _ in range(config.memory.passes):
             mem = shifted_memory(src, keep)
             x, src, _ = _run_layers(params, x0, mem, pos, config, full_attend, None)
             passes.append((slice(None), head(params, x, config)))
         return passes
-    n_subsets = config.memory_passes
+    n_subsets = config.memory.passes
     for s in range(n_subsets):
         sub = slice(s, None, n_subsets)
         pos_sub = pos[sub]
@@ -515,7 +505,7 @@ def eval_sums(
 
 
 # --------------------------------------------------------------------------------------------
-# FLOPs (the conventions of rt_jax.train.flops: matmuls only, model FLOPs, causal attention).
+# FLOPs (the conventions of rt_jax.models.flops: matmuls only, model FLOPs, causal attention).
 
 
 def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -525,7 +515,7 @@ def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
         return 0.0
     d, kv_dim = config.d_model, config.n_kv_heads * config.head_dim
     gates = config.n_layers * 2.0 * d * 2 * config.n_kv_heads
-    projections = 1 if config.memory == "shared" else config.n_layers
+    projections = 1 if config.memory.kind == "shared" else config.n_layers
     return gates + projections * 2.0 * d * 2 * kv_dim
 
 
@@ -533,8 +523,45 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token over all passes: interleaved = 2 forwards (pass 0, then the S
     subsets that together recompute every position once, each query attending causally to the
     whole buffer), refine = 1 + K forwards; each times 3 for forward + backward."""
-    from rt_jax.train.flops import TRAIN_FACTOR, forward_flops_per_token
-
     check_seq_len(config, seq_len)
-    passes = 2 if config.memory_training == "interleaved" else 1 + config.memory_passes
+    passes = 2 if config.memory.training == "interleaved" else 1 + config.memory.passes
     return TRAIN_FACTOR * passes * forward_flops_per_token(config, seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# The family object (rt_jax.models.family.ModelFamily).
+
+PARTITION_RULES: PartitionRules = (
+    (r"^lrt/gamma$", ("layers",)),
+    (r"^lrt/w_gate$", ("layers", "embed", None)),
+    (r"^lrt/w_kvmem$", ("layers", "embed", "heads")),
+    (r"^lrt/w_kvmem_shared$", ("embed", "heads")),
+)
+"""Logical axes of the memory pathway: per-layer gamma and gates, the memory K/V projection."""
+
+
+class LRTFamily(StandardFamily):
+    """The LRT family: exact recurrence for forward and decoding, parallel passes for training."""
+
+    name = "lrt"
+    validate = staticmethod(validate)
+    init_params = staticmethod(init_params)
+    forward = staticmethod(forward)
+    loss_sums = staticmethod(loss_sums)
+    eval_sums = staticmethod(eval_sums)
+    prefill = staticmethod(prefill)
+    decode_step = staticmethod(decode_step)
+    extra_params = staticmethod(extra_params)
+    extra_forward_flops_per_token = staticmethod(extra_forward_flops_per_token)
+    train_flops_per_token = staticmethod(train_flops_per_token)
+
+    def cache_state_width(self, config: ModelConfig) -> int:
+        """The carried memory vector: d_model floats per row."""
+        return config.d_model
+
+    def partition_rules(self) -> PartitionRules:
+        """The standard rules plus the memory pathway's."""
+        return STANDARD_RULES + PARTITION_RULES
+
+
+FAMILY = register_family(LRTFamily())

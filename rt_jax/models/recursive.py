@@ -32,68 +32,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from rt_jax.config import ModelConfig
+from rt_jax.config import LoopLayout, ModelConfig, parse_layout, router_params
 from rt_jax.models import lm
+from rt_jax.models.family import PartitionRules, register_family
+from rt_jax.models.kv_cache import KVCache, prefilled_cache, write_cache_entries
+from rt_jax.models.standard import PARTITION_RULES as STANDARD_RULES
+from rt_jax.models.standard import StandardFamily
 from rt_jax.ops.decode import decode_layer, prefill_layer
 
 PyTree = Any
 SegmentFn = Callable[[jax.Array, PyTree, PyTree], tuple[jax.Array, PyTree]]
 """(h, stacked block params of a run of layers, per-layer inputs or None) -> (h, per-layer outputs)."""
 
-_LAYOUT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*R\s*(\d+)\s*\+\s*(\d+)\s*$")
-_EXAMPLE = "e.g. loop='2+4R2+2' (2 prelude layers, 4 core layers looped twice, 2 coda layers)"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopLayout:
-    """A parsed ``Lpre+LcoreRNloop+Lcoda`` layout."""
-
-    prelude: int
-    core: int
-    n_loop: int
-    coda: int
-
-    @property
-    def distinct_layers(self) -> int:
-        """Layers with their own weights: Lpre + Lcore + Lcoda."""
-        return self.prelude + self.core + self.coda
-
-    @property
-    def depth(self) -> int:
-        """Layers in the unrolled graph: Lpre + Nloop * Lcore + Lcoda."""
-        return self.prelude + self.n_loop * self.core + self.coda
-
-    def unrolled_layers(self) -> tuple[int, ...]:
-        """Index into the stored blocks of every unrolled layer, in execution order."""
-        pre = tuple(range(self.prelude))
-        core = tuple(range(self.prelude, self.prelude + self.core)) * self.n_loop
-        coda = tuple(range(self.prelude + self.core, self.distinct_layers))
-        return pre + core + coda
-
-
-def parse_layout(text: str) -> LoopLayout:
-    """Parse ``"Lpre+LcoreRNloop+Lcoda"``; ValueError with an example on a bad string."""
-    match = _LAYOUT.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"loop layout {text!r} is not 'Lpre+LcoreRNloop+Lcoda': {_EXAMPLE}")
-    pre, core, n_loop, coda = (int(g) for g in match.groups())
-    if core < 1 or n_loop < 1:
-        raise ValueError(
-            f"loop layout {text!r} needs at least one core layer and one loop iteration: {_EXAMPLE}"
-        )
-    return LoopLayout(pre, core, n_loop, coda)
-
 
 def layout(config: ModelConfig) -> LoopLayout:
     """The loop layout of a recursive config."""
-    return parse_layout(config.loop)
+    return config.loop.parsed()
 
 
 def compute_depth(config: ModelConfig) -> int:
@@ -102,38 +62,20 @@ def compute_depth(config: ModelConfig) -> int:
 
 
 def n_slots(config: ModelConfig) -> int:
-    """MeSH buffer slots S: ``config.mesh_slots``, or Nloop + 3 (the paper's rule)."""
-    return config.mesh_slots if config.mesh_slots is not None else layout(config).n_loop + 3
+    """MeSH buffer slots S: ``config.loop.mesh_slots``, or Nloop + 3 (the paper's rule)."""
+    return config.loop.n_slots
 
 
-def router_params(d_model: int, n_loop: int, slots: int) -> int:
-    """MeSH router parameters: (Nloop+1) write/read pairs of a D->S linear layer with bias."""
-    return (n_loop + 1) * d_model * slots * 2 + 2 * (n_loop + 1) * slots
-
-
-def validate(config: ModelConfig) -> None:
-    """Raise ValueError unless the loop layout, n_layers and MeSH settings fit together."""
-    lay = layout(config)
-    if config.n_layers != lay.distinct_layers:
-        raise ValueError(
-            f"ModelConfig.n_layers={config.n_layers} but loop={config.loop!r} has "
-            f"{lay.prelude}+{lay.core}+{lay.coda} = {lay.distinct_layers} distinct layers: set "
-            f"n_layers={lay.distinct_layers} (n_layers counts stored layers, {_EXAMPLE})"
-        )
-    slots = config.mesh_slots
-    if slots is not None:
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
-            raise ValueError(f"ModelConfig.mesh_slots={slots!r}: use an int >= 2 (or None)")
-        if config.handoff != "mesh":
-            raise ValueError(
-                f"ModelConfig.mesh_slots={slots} only applies to handoff='mesh' "
-                f"(handoff={config.handoff!r}): leave it None"
-            )
+def validate(config: ModelConfig, seq_len: int | None = None) -> None:
+    """Raise ValueError when the layer implementation cannot run here (``LoopConfig`` checks the
+    layout, ``n_layers`` and the MeSH settings)."""
+    del seq_len
+    lm.layer_function(config)
 
 
 def extra_params(config: ModelConfig) -> int:
     """Parameters beyond the stored blocks, norm, embedding and head: MeSH routers (else 0)."""
-    if config.handoff != "mesh":
+    if config.loop.handoff != "mesh":
         return 0
     return router_params(config.d_model, layout(config).n_loop, n_slots(config))
 
@@ -154,7 +96,7 @@ def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
     for name in ("w_o", "w_ff_out"):
         blocks[name] = blocks[name] * rescale[:, None, None]
     params["blocks"] = blocks
-    if config.handoff == "mesh":
+    if config.loop.handoff == "mesh":
         d, s, pairs = config.d_model, n_slots(config), layout(config).n_loop + 1
         std = math.sqrt(2.0 / (s * d))
 
@@ -239,7 +181,7 @@ def recursive_hidden(
     if p:
         h, y = run_segment(h, _take(blocks, 0, p), _take(xs, 0, p))
         ys.append(y)
-    mesh = config.handoff == "mesh"
+    mesh = config.loop.handoff == "mesh"
     buffer, write0, read0, step_routers = None, None, None, None
     if mesh:
         routers = params["routers"]
@@ -258,11 +200,11 @@ def recursive_hidden(
         if mesh:
             w_w, w_r = route(routers_t, h)  # from the step input h^(t)
             buffer, h_next = write_read(buffer, out, w_w, w_r)
-        elif config.handoff == "base":
+        elif config.loop.handoff == "base":
             h_next = out
-        elif config.handoff == "residual":
+        elif config.loop.handoff == "residual":
             h_next = out + h
-        elif config.handoff == "anchor":
+        elif config.loop.handoff == "anchor":
             h_next = out + h0
         else:  # anchor-emb
             h_next = out + x_emb
@@ -331,11 +273,9 @@ def prefill(
     lengths_B: jax.Array,
     config: ModelConfig,
     cache_size: int,
-) -> tuple[jax.Array, Any]:
+) -> tuple[jax.Array, KVCache]:
     """Logits (B, E) of each row's last prompt token and a KV cache with one layer per unrolled
     layer (right-padded prompts, see ``rt_jax.decoding``)."""
-    from rt_jax.decoding import prefilled_cache
-
     fn, spec = _layer_fn(config), config.attention_spec()
     recurrent = config.block_type == "recurrent"
 
@@ -354,14 +294,12 @@ def prefill(
 
 
 def decode_step(
-    params: PyTree, cache: Any, tokens_B: jax.Array, config: ModelConfig
-) -> tuple[jax.Array, Any]:
+    params: PyTree, cache: KVCache, tokens_B: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, KVCache]:
     """One token per row at its next position through every unrolled layer: logits (B, E), cache.
 
     The MeSH buffer of the new token is rebuilt inside the step (it is per token, never cached).
     """
-    from rt_jax.decoding import KVCache, write_cache_entries
-
     spec = config.attention_spec()
     recurrent = config.block_type == "recurrent"
     pos_B = cache.lengths
@@ -390,9 +328,38 @@ def decode_step(
 def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Router matmul FLOPs per token (2 * D * S per router, 2 routers per pair); 0 without MeSH."""
     del seq_len
-    if config.handoff != "mesh":
+    if config.loop.handoff != "mesh":
         return 0.0
     return float(2 * 2 * (layout(config).n_loop + 1) * config.d_model * n_slots(config))
+
+
+PARTITION_RULES: PartitionRules = (
+    # MeSH routers: (Nloop+1, D, S) weights, (Nloop+1, S) biases. Tiny (61k for the paper's 1.4B),
+    # so replicated.
+    (r"^routers/w_(write|read)$", ("layers", None, None)),
+    (r"^routers/b_(write|read)$", ("layers", None)),
+)
+"""Logical axes of the MeSH routers."""
+
+
+class RecursiveFamily(StandardFamily):
+    """The recursive family (looped layouts, MeSH); training and validation are plain CE."""
+
+    name = "recursive"
+    validate = staticmethod(validate)
+    init_params = staticmethod(init_params)
+    forward = staticmethod(forward)
+    prefill = staticmethod(prefill)
+    decode_step = staticmethod(decode_step)
+    extra_params = staticmethod(extra_params)
+    extra_forward_flops_per_token = staticmethod(extra_forward_flops_per_token)
+
+    def partition_rules(self) -> PartitionRules:
+        """The standard rules plus the routers'."""
+        return STANDARD_RULES + PARTITION_RULES
+
+
+FAMILY = register_family(RecursiveFamily())
 
 
 # --------------------------------------------------------------------------------------------

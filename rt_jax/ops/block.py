@@ -31,6 +31,7 @@ Params = Mapping[str, jax.Array]
 
 POSITION_KINDS = ("alibi", "rope", "none")
 DTYPES = ("float32", "bfloat16", "float64")
+ATTENTIONS = ("xla", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,8 @@ class AttentionSpec:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     compute_dtype: str = "float32"
+    attention: str = "xla"  # causal attention: "xla" (einsums) or "flash" (fused kernel)
+    interpret: bool = False  # attention="flash": run the TPU kernel in Pallas interpret mode
 
     def __post_init__(self) -> None:
         if self.n_heads <= 0 or self.n_kv_heads <= 0 or self.head_dim <= 0:
@@ -60,6 +63,8 @@ class AttentionSpec:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: expected one of {DTYPES}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTIONS}")
 
     @property
     def group_size(self) -> int:

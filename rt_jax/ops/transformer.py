@@ -13,6 +13,7 @@ from rt_jax.ops.block import (
     post_attention,
     pre_attention,
 )
+from rt_jax.ops.flash_attention import flash_causal_attention
 
 
 def causal_attention(
@@ -25,8 +26,11 @@ def causal_attention(
     """Causal softmax attention (q already scaled) with the spec's bias; float32 softmax. BxMxHxK.
 
     Keys sit at positions 0..N-1; queries at ``q_pos_M`` (default 0..N-1, M = N) see keys at
-    positions <= their own.
+    positions <= their own. ``spec.attention="flash"`` runs the platform's fused kernel instead
+    (``rt_jax.ops.flash_attention``); this einsum form is its reference.
     """
+    if spec.attention == "flash":
+        return flash_causal_attention(q_BxMxHxK, k_BxNxGxK, v_BxNxGxK, spec, q_pos_M)
     b, m, h, kd = q_BxMxHxK.shape
     n = k_BxNxGxK.shape[1]
     acc = jnp.float64 if q_BxMxHxK.dtype == jnp.float64 else jnp.float32

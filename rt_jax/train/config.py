@@ -10,7 +10,7 @@ import types
 import typing
 from typing import Any
 
-from rt_jax.config import ModelConfig
+from rt_jax.config import FLAT_FIELDS, ModelConfig, upgrade_flat_fields
 from rt_jax.data.config import DataConfig
 
 PRESETS = ("tiny", "cpu-demo", "cpu-full", "cpu-lrt", "cpu-mesh", "paper-150m", "paper-300m")
@@ -192,14 +192,23 @@ def replace_model(model: ModelConfig, **changes: Any) -> ModelConfig:
 
 def point_model(model: ModelConfig, point: ModelPoint) -> ModelConfig:
     """``model`` with the block type, shape and ``options`` of ``point`` (MHA; vocab, impl,
-    dtype kept). ``options`` are comma-separated ModelConfig ``field=value`` pairs, e.g.
-    ``"memory=shared,memory_passes=2"`` or ``"loop=1+2R2+1,handoff=mesh"``."""
+    dtype kept). ``options`` are comma-separated ModelConfig ``field=value`` pairs (sections
+    dotted), e.g. ``"memory.kind=shared,memory.passes=2"`` or
+    ``"loop.layout=1+2R2+1,loop.handoff=mesh"``. Options saved before the sections existed
+    (``"memory=shared"``, ``"loop=1+2R2+1,handoff=mesh"``) are read in the new spelling."""
     changes: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in point.options.split(","))):
         if "=" not in item:
             raise ValueError(f"ModelPoint {point.name!r}: option {item!r} is not field=value")
         key, text = (t.strip() for t in item.split("=", 1))
-        _parse_path(model, [key], text, f"{point.name}: {item}", changes)
+        key = FLAT_FIELDS.get(key, key)
+        _parse_path(model, key.split("."), text, f"{point.name}: {item}", changes)
+    changes = {
+        name: _rebuild(getattr(model, name), value, f"{name}.")
+        if isinstance(value, dict)
+        else value
+        for name, value in changes.items()
+    }
     return replace_model(
         model,
         block_type=point.block_type,
@@ -284,6 +293,11 @@ def _parse_path(obj: Any, path: list[str], text: str, full: str, changes: dict) 
         raise ValueError(f"--set {full}: {'.'.join(path)} is not inside a config section")
     hints = _field_types(type(obj))
     name = path[0]
+    if isinstance(obj, ModelConfig) and name in FLAT_FIELDS and len(path) == 1:
+        raise ValueError(
+            f"--set {full}: ModelConfig.{name} moved into a section: write "
+            f"{FLAT_FIELDS[name]}=... (e.g. model.{FLAT_FIELDS[name]}=...)"
+        )
     if name not in hints or name not in {f.name for f in dataclasses.fields(obj)}:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
         raise ValueError(
@@ -347,6 +361,8 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    if cls is ModelConfig:
+        data = upgrade_flat_fields(data)
     hints = _field_types(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -366,7 +382,12 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Inverse of ``config_to_dict`` (unknown keys are ignored, missing ones take defaults)."""
+    """Inverse of ``config_to_dict`` (unknown keys are ignored, missing ones take defaults).
+
+    Model configs saved before the family sections (flat ``memory="shared"``, ``memory_layer``,
+    ``loop="1+2R2+1"``, ``handoff``, ``mesh_slots``) are converted by
+    ``rt_jax.config.upgrade_flat_fields``; ``ModelPoint`` options in the old spelling are read by
+    ``point_model``."""
     return _from_dict(TrainConfig, data)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rt_jax.data import build_tokenizer, make_iterator
+from rt_jax.models.family import get_family
 from rt_jax.train.checkpoint import CONFIG_FILE, Checkpointer
 from rt_jax.train.config import TrainConfig, load_config, save_config
 from rt_jax.train.metrics import (
@@ -183,8 +184,17 @@ class _Validation:
         }
 
 
-def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    init_params: PyTree | None = None,
+) -> dict:
     """Train one model in ``workdir`` (resuming if it has checkpoints); see the module docstring.
+
+    ``init_params`` (a pytree shaped like the model's) replaces the random initial parameters of
+    a fresh run (fresh optimizer state); a resumed run ignores it.
 
     Returns {"val_ce", "tokens_per_s", "steps", "history"}; ``val_ce`` is the last evaluation's
     (None when ``eval_points == 0``), ``tokens_per_s`` the median over logged windows. Models that
@@ -193,6 +203,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     workdir = pathlib.Path(workdir)
     maybe_initialize_distributed(cfg)
     check_vocab(cfg)
+    get_family(cfg.model).validate(cfg.model, cfg.data.seq_len)
     mesh = make_mesh(cfg.mesh)
     ts = build_train_step(cfg, mesh)
     check_run_dir(cfg, workdir)
@@ -211,6 +222,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
     restored = ckpt.restore_latest(ts.abstract_state, train_iter)
     if restored is None:
         state, start = ts.init(), 0
+        if init_params is not None:
+            params = jax.device_put(init_params, ts.state_shardings["params"])
+            state = {**state, "params": params}
     else:
         state, start = restored
         log.info("resumed from step %d in %s", start, workdir)
@@ -233,6 +247,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, progress: bool = True
         nonlocal last_extra
         vals = validate(state["params"])
         writer.write({"step": step, **vals})
+        if is_main:  # the console's evaluation line (experiments.logs keeps rt_jax INFO there)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
         last_extra = {k: v for k, v in vals.items() if k != "val_ce"}
         return vals["val_ce"]
 

@@ -10,31 +10,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rt_jax.models.family import registered_families
 from rt_jax.train.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Parameter path (regex over "a/b/c") -> logical axis names, one per dimension.
-# Blocks are stacked on a leading "layers" axis that is never sharded.
-PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"^embed$", ("vocab", "embed")),
-    (r"^head$", ("embed", "vocab")),
-    (r"^ln_f$", ("norm",)),
-    (r"^blocks/w_q$", ("layers", "embed", "heads")),
-    (r"^blocks/w_kv$", ("layers", "embed", "heads")),
-    (r"^blocks/w_o$", ("layers", "heads", "embed")),
-    (r"^blocks/w_ff_in$", ("layers", "embed", "mlp")),
-    (r"^blocks/w_ff_out$", ("layers", "mlp", "embed")),
-    (r"^blocks/\w+_norm$", ("layers", "norm")),
-    # LRT memory pathway (rt_jax.models.lrt): per-layer gamma and gates, the memory K/V projection.
-    (r"^lrt/gamma$", ("layers",)),
-    (r"^lrt/w_gate$", ("layers", "embed", None)),
-    (r"^lrt/w_kvmem$", ("layers", "embed", "heads")),
-    (r"^lrt/w_kvmem_shared$", ("embed", "heads")),
-    # MeSH routers (rt_jax.models.recursive): (Nloop+1, D, S) weights, (Nloop+1, S) biases. Tiny
-    # (61k for the paper's 1.4B), so replicated.
-    (r"^routers/w_(write|read)$", ("layers", None, None)),
-    (r"^routers/b_(write|read)$", ("layers", None)),
+# Parameter path (regex over "a/b/c") -> logical axis names, one per dimension: the rules of every
+# registered model family (``ModelFamily.partition_rules``), first match wins. Blocks are stacked
+# on a leading "layers" axis that is never sharded.
+PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = tuple(
+    dict.fromkeys(rule for family in registered_families() for rule in family.partition_rules())
 )
 
 # Logical axis -> mesh axis (None = replicated). Columns of w_q/w_kv/w_ff_in and rows of
@@ -91,7 +76,9 @@ def logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
             if len(axes) != ndim:
                 raise ValueError(f"partition rule {pattern!r} has {len(axes)} axes, {name} {ndim}")
             return axes
-    raise ValueError(f"no partitioning rule matches parameter {name!r}; add one to PARAM_RULES")
+    raise ValueError(
+        f"no partitioning rule matches parameter {name!r}; add one to its model family's partition_rules"
+    )
 
 
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -76,6 +76,17 @@ def check_mesh_batch(cfg: TrainConfig, mesh: Mesh) -> None:
         )
 
 
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced under ``mesh``'s abstract mesh, so kernels that must run per shard
+    (``attention="flash"``) can wrap themselves in ``jax.shard_map``."""
+
+    def traced(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
     """The jitted, sharded train step for ``cfg`` on ``mesh`` (see the module docstring)."""
     check_mesh_batch(cfg, mesh)
@@ -159,7 +170,7 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
         return new_state, metrics
 
     step = jax.jit(
-        train_step,
+        _under_mesh(train_step, mesh),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
@@ -173,7 +184,9 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
         return {**sums, "tokens": jnp.asarray(targets.size, jnp.float32)}
 
     eval_step = jax.jit(
-        eval_fn, in_shardings=(p_shardings, batch_sharding), out_shardings=replicated
+        _under_mesh(eval_fn, mesh),
+        in_shardings=(p_shardings, batch_sharding),
+        out_shardings=replicated,
     )
     return TrainStep(
         step=step,

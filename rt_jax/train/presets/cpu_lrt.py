@@ -28,6 +28,7 @@ run is in results/param_matched_cpu-lrt.md.
 
 import dataclasses
 
+from rt_jax.config import MemoryConfig
 from rt_jax.train.config import ModelPoint, TrainConfig, point_model, replace_model
 from rt_jax.train.presets import cpu_demo
 
@@ -36,14 +37,14 @@ POINTS = (
     ModelPoint("transformer-4L", "transformer", *SHAPE),
     ModelPoint("recurrent-4L", "recurrent", *SHAPE),
     ModelPoint(
-        "lrt-shared-4L", "transformer", *SHAPE, family="lrt-shared", options="memory=shared"
+        "lrt-shared-4L", "transformer", *SHAPE, family="lrt-shared", options="memory.kind=shared"
     ),
     ModelPoint(
         "lrt-layerwise-4L",
         "transformer",
         *SHAPE,
         family="lrt-layerwise",
-        options="memory=layerwise",
+        options="memory.kind=layerwise",
     ),
 )
 
@@ -51,7 +52,8 @@ POINTS = (
 def config() -> TrainConfig:
     """The cpu-lrt preset: cpu-demo's recipe, four model families at one shape, two seeds."""
     base = cpu_demo.config()
-    model = replace_model(base.model, memory_reset_token=256)  # the byte tokenizer's EOS
+    # The byte tokenizer's EOS resets the memory (read only by the LRT points).
+    model = replace_model(base.model, memory=MemoryConfig(reset_token=256))
     return dataclasses.replace(
         base,
         model=point_model(model, POINTS[0]),

@@ -42,7 +42,7 @@ def _recursive(name: str, handoff: str) -> ModelPoint:
         4,
         512,
         family=name,
-        options=f"loop={LOOP},handoff={handoff},embed_scale=true",
+        options=f"loop.layout={LOOP},loop.handoff={handoff},embed_scale=true",
     )
 
 
