@@ -6,6 +6,7 @@ The compiled tests AOT-compile tiny programs for one TPU v5e chip with libtpu (n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -331,3 +332,13 @@ def test_results_rows_merge_by_key_and_render(tmp_path):
     md = (tmp_path / "tpu_cost.md").read_text()
     assert "| 4.00x |" in md and "| 2.00x |" in md and "| 3.00x |" not in md
     assert "| 2.50x (vs before) |" in md
+
+
+def test_readme_table_is_generated_from_results():
+    """The README's TPU-estimate table equals the one rendered from results/tpu_cost.json."""
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "results" / "tpu_cost.json").read_text())["rows"]
+    readme = (root / "README.md").read_text()
+    assert tpu_cost.readme_section(rows) in readme, (
+        "README's TPU table is stale: run python -m experiments.tpu_cost --render-only"
+    )
