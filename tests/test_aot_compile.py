@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+import libtpu  # noqa: F401  (a test dependency; compiles for TPU need it)
 import pytest
 
 from experiments import aot_compile
-
-pytest.importorskip("libtpu", reason="libtpu (PyPI) is a test dependency: pip install libtpu")
 
 
 def test_tiny_compiles_for_v5e(tmp_path):

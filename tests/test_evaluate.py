@@ -20,13 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grain  # noqa: E402
 import jax  # noqa: E402
+import lm_eval  # noqa: E402  (the test extra: pip install -e .[test])
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-lm_eval = pytest.importorskip(
-    "lm_eval", reason="lm-eval is in the test extra: pip install -e .[test]"
-)
-
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from rt_jax.data import ByteTokenizer, DataConfig  # noqa: E402

@@ -16,11 +16,6 @@ import grain
 import jax
 import numpy as np
 import pytest
-
-pytest.importorskip(
-    "safetensors", reason="safetensors is in the test extra: pip install -e .[test]"
-)
-
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from rt_jax.convert import from_olmo, load_olmo, save_olmo, to_olmo  # noqa: E402

@@ -96,7 +96,6 @@ def test_bf16_compute_keeps_float32_master_weights():
 
 
 def test_recurrent_tiled_step_matches_reference():
-    pytest.importorskip("rt_jax.ops.tiled")
     over = [
         "model.block_type=recurrent",
         "model.n_layers=1",
