@@ -78,7 +78,8 @@ def check_mesh_batch(cfg: TrainConfig, mesh: Mesh) -> None:
 
 def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """``fn`` traced under ``mesh``'s abstract mesh, so kernels that must run per shard
-    (``attention="flash"``) can wrap themselves in ``jax.shard_map``."""
+    (``attention="flash"``, the ``impl="pallas"`` tile kernels) can wrap themselves in
+    ``jax.shard_map``."""
 
     def traced(*args: Any) -> Any:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -149,9 +150,7 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
 
     def train_step(state: PyTree, batch: dict[str, jax.Array]) -> tuple[PyTree, dict]:
         params = state["params"]
-        # The mesh in context lets the Pallas tile kernels run under shard_map on its devices.
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            total, ce, grads = gradients(params, batch["tokens"])
+        total, ce, grads = gradients(params, batch["tokens"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
@@ -179,8 +178,7 @@ def build_train_step(cfg: TrainConfig, mesh: Mesh) -> TrainStep:
 
     def eval_fn(params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         inputs, targets = split_tokens(batch["tokens"])
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            sums = eval_sums(params, inputs, targets, model_cfg)
+        sums = eval_sums(params, inputs, targets, model_cfg)
         return {**sums, "tokens": jnp.asarray(targets.size, jnp.float32)}
 
     eval_step = jax.jit(
