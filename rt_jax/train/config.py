@@ -11,7 +11,7 @@ import typing
 from typing import Any
 
 from rt_jax.config import FLAT_FIELDS, ModelConfig, upgrade_flat_fields
-from rt_jax.data.config import DataConfig
+from rt_jax.data.config import SPLITS, DataConfig
 
 PRESETS = ("tiny", "cpu-demo", "cpu-full", "cpu-lrt", "cpu-mesh", "paper-150m", "paper-300m")
 ADAM_B2_CHOICES = (0.95, 0.99)
@@ -29,6 +29,9 @@ class ModelPoint:
     mlp_hidden: int
     family: str = ""
     options: str = ""
+    lr: float = 0.0  # > 0: this point's fixed learning rate (no tuning); 0: the preset's / tuned
+    steps: int = 0  # > 0: this point's training steps (e.g. matched FLOPs); 0: the preset's
+    baselines: str = ""  # comma-separated point names to compare against ("": the default rule)
 
     @property
     def family_name(self) -> str:
@@ -120,6 +123,11 @@ class TrainConfig:
     process_id: int | None = None
     compare: tuple[ModelPoint, ...] = ()
     seeds: tuple[int, ...] = (0,)
+    # experiments.param_matched: the split the loop evaluates on, and the learning-rate tuning of
+    # every compare point (log-spaced grid, () = three values around ``lr``; 0 steps = steps // 3).
+    eval_split: str = "validation"
+    tune_lrs: tuple[float, ...] = ()
+    tune_steps: int = 0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -161,6 +169,19 @@ class TrainConfig:
         for point in self.compare:
             if not isinstance(point, ModelPoint):
                 raise ValueError(f"TrainConfig.compare holds ModelPoint entries, got {point!r}")
+            if not point.lr >= 0 or not isinstance(point.steps, int) or point.steps < 0:
+                raise ValueError(
+                    f"ModelPoint {point.name!r}: lr={point.lr!r} and steps={point.steps!r} must "
+                    "be >= 0 (0: the preset's)"
+                )
+        if self.eval_split not in SPLITS:
+            raise ValueError(
+                f"TrainConfig.eval_split={self.eval_split!r}: expected one of {SPLITS}"
+            )
+        if any(not lr > 0 for lr in self.tune_lrs):
+            raise ValueError(f"TrainConfig.tune_lrs={self.tune_lrs!r}: every lr must be > 0")
+        if not isinstance(self.tune_steps, int) or self.tune_steps < 0:
+            raise ValueError(f"TrainConfig.tune_steps={self.tune_steps!r} must be an int >= 0")
 
     def micro_batch_size(self) -> int:
         """Global sequences per microbatch."""
@@ -222,12 +243,16 @@ def point_model(model: ModelConfig, point: ModelPoint) -> ModelConfig:
 
 
 def with_point(cfg: TrainConfig, point: ModelPoint, seed: int) -> TrainConfig:
-    """The single-model config of one comparison cell (model shape from ``point``, init ``seed``).
+    """The single-model config of one comparison cell (model shape from ``point``, init ``seed``;
+    the point's own ``lr`` and ``steps`` when set).
 
     The data order (``data.shuffle_seed``) is left unchanged, so every cell sees the same tokens.
     """
     model = point_model(cfg.model, point)
-    return dataclasses.replace(cfg, model=model, seed=seed, compare=(), seeds=(seed,))
+    fixed = {"lr": point.lr} if point.lr else {}
+    if point.steps:
+        fixed["steps"] = point.steps
+    return dataclasses.replace(cfg, model=model, seed=seed, compare=(), seeds=(seed,), **fixed)
 
 
 def get_preset(name: str) -> TrainConfig:

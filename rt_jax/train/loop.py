@@ -147,7 +147,8 @@ def _global_batch(ts: TrainStep, local: dict[str, np.ndarray]) -> dict[str, jax.
 
 
 class _Validation:
-    """Validation CE per token over the first ``eval_batches`` batches (0 = the whole split)."""
+    """Validation CE per token over the first ``eval_batches`` batches (0 = the whole split) of
+    ``cfg.eval_split`` (logged as ``val_ce`` whichever split it is)."""
 
     def __init__(self, cfg: TrainConfig, ts: TrainStep):
         self.cfg, self.ts = cfg, ts
@@ -158,7 +159,7 @@ class _Validation:
             return self._cached
         it = make_iterator(
             self.cfg.data,
-            "validation",
+            self.cfg.eval_split,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             num_epochs=1,
