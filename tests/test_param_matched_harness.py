@@ -13,6 +13,7 @@ import math
 import pytest
 
 from experiments import param_matched as pm
+from experiments import readme
 from rt_jax.train.config import get_preset
 from rt_jax.train.loop import NonFiniteLossError
 from rt_jax.train.metrics import eval_steps
@@ -112,6 +113,9 @@ def test_tunes_widens_and_reports(tmp_path, fake):
     saved = json.loads((tmp_path / "results" / "param_matched_tiny.json").read_text())
     assert saved["harness"] == pm.HARNESS and len(saved["tune_records"]) == 8
     assert (tmp_path / "results" / "param_matched_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    section = "\n".join(readme.render_new("tiny", saved))  # the README's view of the same file
+    assert "| Recurrent Transformer (recurrent-2L) | 2 |" in section
+    assert "recurrent-2L vs transformer-2L: at equal tokens lower CE than transformer-2L" in section
 
 
 def test_rerun_skips_finished_cells_and_reruns_changed_ones(tmp_path, fake):
