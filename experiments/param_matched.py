@@ -66,7 +66,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from experiments import stats
+from experiments import readme, stats
 from experiments.logs import LOG_FILE, log_to_file, setup_logging
 from experiments.provenance import git_commit, machine
 from rt_jax.train.config import (
@@ -1215,6 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     md = Path(args.out_dir) / f"{payload['stem']}{'_tuning' if args.tune_only else ''}.md"
     print(md.read_text())
+    if not args.tune_only and Path(args.out_dir).resolve() == (readme.REPO / "results").resolve():
+        readme.main([])  # the README's generated tables follow the results just written
     print(f"wrote {md} (and .json{'' if args.tune_only else ', .png'})")
     return 0
 
