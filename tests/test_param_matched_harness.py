@@ -195,3 +195,14 @@ def test_presets_have_their_controls_and_three_seeds():
     assert long_flops == pytest.approx(lrt_flops, rel=2e-3)
     demo = get_preset("cpu-demo")
     assert all(p.lr > 0 for p in demo.compare) and len(demo.seeds) == 1
+
+
+def test_cpu_demo_lrs_are_the_committed_tuning_picks():
+    tuning = json.loads(
+        (readme.REPO / "results" / "param_matched_cpu-demo_tuning.json").read_text()
+    )
+    assert not tuning["commit"].endswith("-dirty")
+    for point in get_preset("cpu-demo").compare:
+        t = tuning["tuning"][point.name]
+        assert not t["fixed"] and len(t["val_ce"]) >= 3 and not t["at_edge"]
+        assert point.lr == pytest.approx(t["pick"])

@@ -19,11 +19,14 @@ from rt_jax.data.config import DataConfig
 from rt_jax.train.config import ModelPoint, TrainConfig, point_model
 
 LR_NOTE = (
-    "3e-3 for both: the shared lr of the previous harness, not yet re-tuned (the tuning sweep "
-    "with the new harness has not finished)"
+    "Picked by `python -m experiments.param_matched --preset cpu-demo --retune --tune-only` at "
+    "commit 044be3c (results/param_matched_cpu-demo_tuning.md): 500-step runs, seed 0, CE on the "
+    "validation works. transformer-4L: 1.5e-3 2.0176, 3e-3 1.9737, 6e-3 1.9733, then (6e-3 was "
+    "the grid's edge) 1.2e-2 2.0036 -> 6e-3 (3e-3 is within 0.0004 of it). recurrent-2L: 1.5e-3 "
+    "1.9106, 3e-3 1.8790, 6e-3 1.8966 -> 3e-3."
 )
 POINTS = (
-    ModelPoint("transformer-4L", "transformer", 4, 128, 4, 512, lr=3e-3),
+    ModelPoint("transformer-4L", "transformer", 4, 128, 4, 512, lr=6e-3),
     ModelPoint("recurrent-2L", "recurrent", 2, 180, 6, 720, lr=3e-3),
 )
 
