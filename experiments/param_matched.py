@@ -69,6 +69,8 @@ from typing import Any
 from experiments import readme, stats
 from experiments.logs import LOG_FILE, log_to_file, setup_logging
 from experiments.provenance import git_commit, machine
+from experiments.readme import display_name
+from experiments.stats import fmt_interval
 from rt_jax.train.config import (
     PRESETS,
     ModelPoint,
@@ -628,35 +630,6 @@ def select_models(cfg: TrainConfig, models: list[str]) -> TrainConfig:
 
 # --------------------------------------------------------------------------------------------
 # Reports.
-
-DISPLAY_NAMES = {
-    "transformer": "Transformer",
-    "recurrent": "Recurrent Transformer",
-    "lrt-shared": "LRT (shared)",
-    "lrt-layerwise": "LRT (layerwise)",
-    "recursive-base": "Recursive (base)",
-    "recursive-residual": "Recursive (+residual)",
-    "recursive-anchor": "Recursive (+anchor)",
-    "recursive-anchor-emb": "Recursive (+anchor*)",
-    "mesh": "Recursive (+MeSH)",
-    "vanilla-recursive-init": "Vanilla, recursive settings",
-    "looped": "Looped Transformer",
-}
-
-
-def display_name(model: str) -> str:
-    """Human-readable name of a model family."""
-    return DISPLAY_NAMES.get(model, model)
-
-
-def fmt_interval(iv: dict[str, Any] | None, signed: bool = False) -> str:
-    """``mean ± sd [lo, hi]`` (just the mean for one seed)."""
-    if iv is None:
-        return "-"
-    f = "{:+.4f}" if signed else "{:.4f}"
-    if iv["sd"] is None:
-        return f.format(iv["mean"]) + " (1 seed)"
-    return f"{f.format(iv['mean'])} ± {iv['sd']:.4f} [{f.format(iv['lo'])}, {f.format(iv['hi'])}]"
 
 
 def _fmt_budget(view: str, value: float | None) -> str:

@@ -37,16 +37,24 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:begin ({GENERATOR}) -->", f"<!-- {name}:end -->"
 
 
-def _display(model: str) -> str:
-    from experiments.param_matched import display_name
+DISPLAY_NAMES = {
+    "transformer": "Transformer",
+    "recurrent": "Recurrent Transformer",
+    "lrt-shared": "LRT (shared)",
+    "lrt-layerwise": "LRT (layerwise)",
+    "recursive-base": "Recursive (base)",
+    "recursive-residual": "Recursive (+residual)",
+    "recursive-anchor": "Recursive (+anchor)",
+    "recursive-anchor-emb": "Recursive (+anchor*)",
+    "mesh": "Recursive (+MeSH)",
+    "vanilla-recursive-init": "Vanilla, recursive settings",
+    "looped": "Looped Transformer",
+}
 
-    return display_name(model)
 
-
-def _ci(iv: dict[str, Any], signed: bool = False) -> str:
-    from experiments.param_matched import fmt_interval
-
-    return fmt_interval(iv, signed)
+def display_name(model: str) -> str:
+    """Human-readable name of a model family."""
+    return DISPLAY_NAMES.get(model, model)
 
 
 def _dirty_note(commits: list[str]) -> str:
@@ -89,8 +97,8 @@ def render_old(preset: str, data: dict[str, Any]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {_display(r['model'])} ({r['name']}) | {r['layers']} | {r['width']} "
-            f"| {r['non_embedding_params']:,} | {r['tokens_per_s']:,.0f} | {_ci(r['ce'])} |"
+            f"| {display_name(r['model'])} ({r['name']}) | {r['layers']} | {r['width']} "
+            f"| {r['non_embedding_params']:,} | {r['tokens_per_s']:,.0f} | {stats.fmt_interval(r['ce'])} |"
         )
     if comps:
         lines.append("")
@@ -119,9 +127,9 @@ def render_new(preset: str, data: dict[str, Any]) -> list[str]:
         layers = str(r["layers"]) if r["layers"] == r["depth"] else f"{r['layers']} ({r['depth']})"
         edge = " (grid edge)" if r.get("lr_at_edge") else ""
         lines.append(
-            f"| {_display(r['model'])} ({r['name']}) | {layers} | {r['non_embedding_params']:,} "
+            f"| {display_name(r['model'])} ({r['name']}) | {layers} | {r['non_embedding_params']:,} "
             f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']:,} | {r['lr']:.4g}{edge} "
-            f"| {r['tokens_per_s']:,.0f} | {_ci(r['ce'])} |"
+            f"| {r['tokens_per_s']:,.0f} | {stats.fmt_interval(r['ce'])} |"
         )
     if data["comparisons"]:
         lines.append("")

@@ -84,3 +84,13 @@ def log_interpolate(curve: Sequence[tuple[float, float]], x: float) -> float | N
             w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + min(max(w, 0.0), 1.0) * (y1 - y0)
     return pts[-1][1]
+
+
+def fmt_interval(iv: dict[str, Any] | None, signed: bool = False) -> str:
+    """``mean ± sd [lo, hi]`` (just the mean for one seed)."""
+    if iv is None:
+        return "-"
+    f = "{:+.4f}" if signed else "{:.4f}"
+    if iv["sd"] is None:
+        return f.format(iv["mean"]) + " (1 seed)"
+    return f"{f.format(iv['mean'])} ± {iv['sd']:.4f} [{f.format(iv['lo'])}, {f.format(iv['hi'])}]"
