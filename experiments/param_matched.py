@@ -925,7 +925,12 @@ def run(
     retune: bool = False,
     parts_base: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Tune, train every point x seed (resuming finished cells), then write the results."""
+    """Tune, train every point x seed (resuming finished cells), then write the results.
+
+    SIGTERM stops the sweep (``rt_jax.train.loop.Preempted``) after the running cell saved its
+    checkpoint; rerun to resume."""
+    from rt_jax.train.loop import Preempted
+
     started = time.time()
     cfg = apply_overrides(get_preset(preset), overrides)
     full_compare = cfg.compare
@@ -984,6 +989,8 @@ def run(
                 retune=retune,
                 commit=commit,
             )
+        except Preempted:  # SIGTERM: the cell saved its checkpoint; stop the sweep
+            raise
         except Exception as err:  # keep going with the other points; report this one
             failed(point, None, tune_dir(runs_dir, preset, point.name, 0.0).parent, err)
             continue
@@ -1000,6 +1007,8 @@ def run(
                 try:
                     record = _cell_meta(cell, point, "final", workdir)
                     record.update(_run_cell(cell, workdir, progress, tuning=False))
+                except Preempted:
+                    raise
                 except Exception as err:  # keep training the other cells; report this one
                     failed(point, seed, workdir, err)
                     continue

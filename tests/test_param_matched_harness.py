@@ -206,3 +206,18 @@ def test_cpu_demo_lrs_are_the_committed_tuning_picks():
         t = tuning["tuning"][point.name]
         assert not t["fixed"] and len(t["val_ce"]) >= 3 and not t["at_edge"]
         assert point.lr == pytest.approx(t["pick"])
+
+
+def test_sigterm_stops_the_sweep(tmp_path, monkeypatch):
+    from rt_jax.train.loop import Preempted
+
+    calls = []
+
+    def preempted(cfg, workdir, progress):
+        calls.append(cfg.lr)
+        raise Preempted("SIGTERM: saved step 3")
+
+    monkeypatch.setattr(pm, "_train_cell", preempted)
+    with pytest.raises(Preempted):
+        _run(tmp_path)
+    assert len(calls) == 1  # no other cell started
