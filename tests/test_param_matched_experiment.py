@@ -27,8 +27,19 @@ FAST = [
 KEYS = ("model", "layers", "width", "non_embedding_params", "seed", "ce", "split", "tokens_per_s")
 
 
+pytestmark = pytest.mark.timeout(1800)  # 10 real training cells; slow on a loaded machine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_widening():
+    """3 tuning cells per model (widening is checked without training in test_..._harness)."""
+    widen, param_matched.MAX_WIDEN = param_matched.MAX_WIDEN, 0
+    yield
+    param_matched.MAX_WIDEN = widen
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, no_widening):
     base = tmp_path_factory.mktemp("param_matched")
     argv = ["--preset", "tiny", "--no-progress", "--out-dir", str(base / "results")]
     argv += ["--runs-dir", str(base / "runs"), "--throughput-rounds", "2"]
