@@ -50,9 +50,15 @@ def _lowbit(m):
     return jnp.bitwise_and(m, -m)
 
 
+def supported(leaf: int, dtype) -> bool:
+    """Whether the kernels take leaves of ``leaf`` rows of ``dtype``: a whole number of sublane
+    tiles (8 rows of 32 bits: 8 float32, 16 bfloat16), so a leaf lands aligned in VMEM."""
+    return leaf % (8 * max(1, 4 // jnp.dtype(dtype).itemsize)) == 0
+
+
 def largest_block(n: int) -> int:
     """Key leaves of the largest Fenwick block among n leaves (0 when there is none)."""
-    return 1 << (n - 2).bit_length() if n > 1 else 0
+    return 1 << ((n - 1).bit_length() - 1) if n > 1 else 0
 
 
 def resident_leaves(n: int, leaf: int, config: TpuTileConfig) -> int:
@@ -128,8 +134,13 @@ def _geometry(q_l, k_l, config: TpuTileConfig, budget_share: int) -> _Geometry:
     g = k_l.shape[2]
     cap = resident_leaves(n, leaf, config)
     budget = (config.vmem_limit_bytes or 16 * 1024 * 1024) // budget_share
-    hb = head_block(h, g, leaf, kd, cap, 4, budget)
     r = h // g
+    hb = config.heads_per_step or head_block(h, g, leaf, kd, cap, 4, budget)
+    if h % hb or hb % r or (hb != h and hb % 8):
+        raise ValueError(
+            f"TpuTileConfig.heads_per_step={hb} must divide the {h} local heads, be a multiple "
+            f"of the group size {r}, and equal {h} or be a multiple of 8"
+        )
     gb = max(1, hb // r)
     rows = cap * leaf
     bk = min(TPU_LANES, rows)

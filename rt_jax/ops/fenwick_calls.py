@@ -42,6 +42,13 @@ def _unwindow(w_BxXxM_: jax.Array, size: int) -> jax.Array:
     return jnp.moveaxis(w, 2, 0)
 
 
+def in_place(tile_ops: TileOps, q_l: jax.Array) -> bool:
+    """Whether the tile ops' in-place block kernels take these leaf-major buffers (their
+    ``supports(q_l)``, when they have one: the Mosaic kernels need leaves of whole sublane tiles)."""
+    fn = tile_ops.fenwick_merge
+    return fn is not None and getattr(fn, "supports", lambda _: True)(q_l)
+
+
 def block_shape(m: int, n: int) -> tuple[int, int] | None:
     """(key leaves T, query leaves) of Fenwick block m among n leaves, None when it is empty."""
     if m <= 0 or m >= n:
@@ -85,7 +92,7 @@ def fenwick_block_merge(
     m: jax.Array,
 ) -> SoftmaxState:
     """Merge key leaves [m - T, m) into query leaves [m, min(m + T, n)) in one call (T = lowbit(m))."""
-    if tile_ops.fenwick_merge is not None:
+    if in_place(tile_ops, q_l):
         return SoftmaxState(*tile_ops.fenwick_merge(q_l, k_l, v_l, tuple(state), m, spec))
     n = q_l.shape[0]
     shapes, _ = block_shapes(n)
@@ -126,7 +133,7 @@ def fenwick_block_grads(
     m: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mirrored block m: (dq, dK, dV) of query leaves [m, m + T) x key leaves [m - T, m), one call."""
-    if tile_ops.fenwick_grads is not None:
+    if in_place(tile_ops, tensors[0]):
         return tuple(tile_ops.fenwick_grads(tuple(tensors), tuple(grads), m, spec))
     q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
     n = q_l.shape[0]

@@ -110,6 +110,10 @@ class ShardedFenwick:
     interpret: bool
     config: TpuTileConfig | None
 
+    def supports(self, q_l: jax.Array) -> bool:
+        """Leaves of whole sublane tiles (``fenwick_tpu.supported``); else the window calls."""
+        return fenwick_tpu.supported(q_l.shape[3], q_l.dtype)
+
     def __call__(self, *args):
         """``(q_l, k_l, v_l, state, m, spec)`` (merge) or ``(tensors, grads, m, spec)`` (grads)."""
         *arrays, m, spec = args

@@ -30,7 +30,7 @@ from rt_jax.ops.block import (
     layer_norm,
     pre_attention,
 )
-from rt_jax.ops.fenwick_calls import fenwick_block_grads, fenwick_block_merge
+from rt_jax.ops.fenwick_calls import fenwick_block_grads, fenwick_block_merge, in_place
 from rt_jax.ops.tiled_forward import _INNER_UNROLL, _alibi_bias, _self_state
 from rt_jax.ops.tiled_layout import (
     _acc_dtype,
@@ -129,7 +129,7 @@ def _causal_merge(
     chunk: (C B) x H x (t L) queries against (C B) x G x L keys). Each cross-leaf pair once.
     """
     n = q_l.shape[0]
-    if tile_ops.fenwick_merge is not None:  # in-place block kernels: the forward's n - 1 calls
+    if in_place(tile_ops, q_l):  # in-place block kernels: the forward's n - 1 calls
         return jax.lax.fori_loop(
             1,
             n,
