@@ -1,7 +1,8 @@
 """Latent Recurrent Transformer (LRT, Huang et al. 2026) on the standard Transformer block.
 
 The memory of position t is the source state of position t-1 (``memory.layer=-1``: the final
-normalised state LN_f(x_L) that feeds the head; ``i >= 0``: the residual stream after layer i),
+normalised state LN_f(x_L) that feeds the head; ``i >= 0``: the residual stream after layer i
+under a parameter-free LayerNorm, so |m| <= sqrt(D) from any layer),
 zero at t = 0 and after a ``memory.reset_token`` (document starts). Every layer l reads it, with
 u = LN_attn(x) the layer's attention input:
 
@@ -217,7 +218,8 @@ def _run_layers(
 ) -> tuple[jax.Array, jax.Array, Any]:
     """All layers over the positions ``pos_N`` given their memory: (x_L, source state, outputs).
 
-    The source state is LN_f(x_L) (``memory.layer=-1``) or the output of layer ``memory.layer``;
+    The source state is LN_f(x_L) (``memory.layer=-1``) or the output of layer ``memory.layer``
+    under a parameter-free LayerNorm (``normalise_source``);
     ``layer_buffers`` (leading layer axis, or None) are scanned alongside the layers and handed to
     ``attend``, whose second result is stacked over layers.
     """
@@ -251,7 +253,16 @@ def _run_layers(
     (x, src), outs = jax.lax.scan(body, (x_BxNxD, src0), xs)
     if source_layer < 0:
         src = layer_norm(x, params["ln_f"], config.norm_eps)
+    else:
+        src = normalise_source(src, config.norm_eps)
     return x, src, outs
+
+
+def normalise_source(z_BxNxD: jax.Array, eps: float) -> jax.Array:
+    """The memory read from a layer i >= 0: a parameter-free LayerNorm of the residual stream
+    (zero mean, unit variance over D, no weight), so every memory vector has an L2 norm of at
+    most sqrt(D) whatever the recurrence does to the residual stream (see docs/lrt.md)."""
+    return layer_norm(z_BxNxD, jnp.ones(z_BxNxD.shape[-1:], z_BxNxD.dtype), eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +315,10 @@ def _recurrence(
     config: ModelConfig,
     *,
     all_logits: bool,
-) -> tuple[KVCache, jax.Array, jax.Array | None]:
+) -> tuple[KVCache, jax.Array, tuple[jax.Array, jax.Array] | None]:
     """The prompts (embeddings and ids, right-padded: row b valid below lengths_B[b]) token by
-    token from an empty cache: (cache, logits of each row's last prompt token BxE, all logits
-    PxBxE or None)."""
+    token from an empty cache: (cache, logits of each row's last prompt token BxE, and with
+    ``all_logits`` every position's logits PxBxE and the memory it read PxBxD, else None)."""
     b, p = tokens_BxP.shape
 
     def body(carry: tuple, xs: tuple) -> tuple[tuple, jax.Array | None]:
@@ -321,9 +332,9 @@ def _recurrence(
         # reading them; they must not advance the row's memory.
         k = write_cache_entries(k, k_new, pos_B)
         v = write_cache_entries(v, v_new, pos_B)
-        mem = jnp.where((t < lengths_B)[:, None], next_mem.astype(mem.dtype), mem)
+        new_mem = jnp.where((t < lengths_B)[:, None], next_mem.astype(mem.dtype), mem)
         last = jnp.where((t == lengths_B - 1)[:, None], logits.astype(last.dtype), last)
-        return (k, v, mem, last), (logits if all_logits else None)
+        return (k, v, new_mem, last), ((logits, mem) if all_logits else None)
 
     last0 = jnp.zeros((b, config.embedding_size), _logits_dtype(config))
     xs = (jnp.arange(p, dtype=jnp.int32), jnp.swapaxes(x_BxPxD, 0, 1), tokens_BxP.T)
@@ -340,14 +351,34 @@ def forward_embedded(
     params: PyTree, x_BxNxD: jax.Array, tokens_BxN: jax.Array, config: ModelConfig
 ) -> jax.Array:
     """``forward`` from the token embeddings x (the ids only locate memory resets)."""
+    return forward_with_memory_embedded(params, x_BxNxD, tokens_BxN, config)[0]
+
+
+def forward_with_memory(
+    params: PyTree, tokens_BxN: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The exact logits (BxNxE) and the memory every position read (BxNxD; row 0 is zero)."""
+    return forward_with_memory_embedded(params, embed(params, tokens_BxN), tokens_BxN, config)
+
+
+def forward_with_memory_embedded(
+    params: PyTree, x_BxNxD: jax.Array, tokens_BxN: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """``forward_with_memory`` from the token embeddings x."""
     b, n = tokens_BxN.shape
-    cache = init_cache(config, b, n)
-    cache = KVCache(cache.k, cache.v, cache.lengths, cache.memory.astype(x_BxNxD.dtype))
+    cache = _empty_cache(config, b, n, x_BxNxD.dtype)
     lengths = jnp.full((b,), n, jnp.int32)
-    _, _, logits_NxBxE = _recurrence(
+    _, _, (logits_NxBxE, mem_NxBxD) = _recurrence(
         params, x_BxNxD, tokens_BxN, lengths, cache, config, all_logits=True
     )
-    return jnp.swapaxes(logits_NxBxE, 0, 1)
+    return jnp.swapaxes(logits_NxBxE, 0, 1), jnp.swapaxes(mem_NxBxD, 0, 1)
+
+
+def _empty_cache(config: ModelConfig, batch: int, size: int, dtype: jnp.dtype) -> KVCache:
+    """``init_cache`` with the memory in the residual stream's dtype (float64 stays float64)."""
+    cache = init_cache(config, batch, size)
+    memory_dtype = jnp.promote_types(dtype, jnp.float32)
+    return KVCache(cache.k, cache.v, cache.lengths, cache.memory.astype(memory_dtype))
 
 
 def prefill(
@@ -358,8 +389,8 @@ def prefill(
     cache_size: int,
 ) -> tuple[jax.Array, KVCache]:
     """Logits of each row's last prompt token (BxE) and the cache, by the exact recurrence."""
-    cache = init_cache(config, tokens_BxP.shape[0], cache_size)
     x = embed(params, tokens_BxP)
+    cache = _empty_cache(config, tokens_BxP.shape[0], cache_size, x.dtype)
     cache, last, _ = _recurrence(params, x, tokens_BxP, lengths_B, cache, config, all_logits=False)
     return last, cache
 
