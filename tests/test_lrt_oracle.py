@@ -85,12 +85,21 @@ class Oracle:
 
     # -- one layer at one position -----------------------------------------------------------
     def qkv(self, layer, x, m, pos):
-        """Inject the memory, then q (HxK, scaled), k, v (GxK) of one position."""
-        p, h, g, kd, eps = self.layers[layer], self.h, self.g, self.k, self.eps
+        """Inject the memory, then (injected x, q (HxK, scaled), k, v (GxK)) of one position."""
+        p, h, kd, eps = self.layers[layer], self.h, self.k, self.eps
         if p["gamma"] is not None:
             x = x + p["gamma"] * m
         u = _ln(x, p["attn_norm"], eps)
         q = _ln(u @ p["w_q"], p["q_norm"], eps).reshape(h, kd)
+        if self.cfg.position == "rope":
+            q = _rope(q, pos, self.cfg.rope_theta)
+        k, v = self.kv(layer, x, m, pos)
+        return x, q / math.sqrt(kd), k, v
+
+    def kv(self, layer, x, m, pos):
+        """Key and value (GxK) of one position from its (injected) layer input x and memory m."""
+        p, g, kd, eps = self.layers[layer], self.g, self.k, self.eps
+        u = _ln(x, p["attn_norm"], eps)
         kv = u @ p["w_kv"]
         k_heads, v_heads = kv[: g * kd].reshape(g, kd), kv[g * kd :].reshape(g, kd)
         if p["w_gate"] is not None:
@@ -101,8 +110,8 @@ class Oracle:
             v_heads = g_loc * v_heads + g_mem * kv_m[g * kd :].reshape(g, kd)
         k = _ln(k_heads.reshape(-1), p["k_norm"], eps).reshape(g, kd)
         if self.cfg.position == "rope":
-            q, k = _rope(q, pos, self.cfg.rope_theta), _rope(k, pos, self.cfg.rope_theta)
-        return x, q / math.sqrt(kd), k, v_heads
+            k = _rope(k, pos, self.cfg.rope_theta)
+        return k, v_heads
 
     def attend(self, q, qpos, keys, values, kpos):
         """Softmax attention of one query (HxK) over the given keys/values (JxGxK) at kpos."""
@@ -170,13 +179,15 @@ def kv_source(subset, j, n_subsets):
 
 def _run_pass(o, tokens, positions, mem, kv_lookup):
     """All layers over ``positions`` (in parallel) with memory ``mem[p]``; query p attends to
-    keys j <= p, its own pass's pairs where ``kv_lookup(layer, j)`` is None. Returns the logits,
-    source states and per-layer fresh pairs {p: (k, v)} of this pass."""
+    keys j <= p: this pass's pairs at its own positions, ``kv_lookup(layer, j)`` elsewhere.
+    Returns the logits, source states, per-layer fresh pairs {p: (k, v)} and per-layer
+    (injected) layer inputs {p: x} of this pass."""
     xs = {p: o.embed[tokens[p]] for p in positions}
     zs = {p: [] for p in positions}
-    fresh = []
+    fresh, inputs = [], []
     for layer in range(o.cfg.n_layers):
         qkv = {p: o.qkv(layer, xs[p], mem[p], p) for p in positions}
+        inputs.append({p: qkv[p][0] for p in positions})
         pairs = {p: (qkv[p][2], qkv[p][3]) for p in positions}
         for p in positions:
             ks, vs = [], []
@@ -190,7 +201,7 @@ def _run_pass(o, tokens, positions, mem, kv_lookup):
         fresh.append(pairs)
     logits = {p: o.logits(xs[p]) for p in positions}
     src = {p: o.source(xs[p], zs[p]) for p in positions}
-    return logits, src, fresh
+    return logits, src, fresh, inputs
 
 
 def _shifted(o, tokens, src):
@@ -201,27 +212,32 @@ def _shifted(o, tokens, src):
 
 
 def oracle_interleaved(params, tokens_bn, cfg):
-    """Interleaved training passes by hand: [(positions, logits B x |P| x E)] in pass order."""
+    """Interleaved training passes by hand: [(positions, logits B x |P| x E)] in pass order.
+
+    With ``memory.kv_refresh`` a stale pair is pass 0's, recomputed from pass 0's layer input
+    (gates and local part) with the memory the position has just before the subset pass."""
     o, n_sub = Oracle(params, cfg), cfg.memory.passes
     per_row = []
     for tokens in np.asarray(tokens_bn):
-        n = len(tokens)
-        everything = list(range(n))
-        logits0, src0, kv0 = _run_pass(
-            o, tokens, everything, {t: np.zeros(cfg.d_model) for t in everything}, None
-        )
+        everything = list(range(len(tokens)))
+        zero = {t: np.zeros(cfg.d_model) for t in everything}
+        logits0, src0, kv0, inputs0 = _run_pass(o, tokens, everything, zero, None)
         passes = [(everything, logits0)]
         src, kv_by_subset = dict(src0), {}
         for s in range(n_sub):
             positions = everything[s::n_sub]
             mem = _shifted(o, tokens, src)
 
-            def lookup(layer, j, s=s, kv0=kv0, kv_by_subset=kv_by_subset):
+            def lookup(layer, j, s=s, mem=mem, kv0=kv0, inputs0=inputs0, kv_sub=kv_by_subset):
                 label = kv_source(s, j, n_sub)
                 assert label != "fresh"
-                return kv0[layer][j] if label == "stale" else kv_by_subset[j % n_sub][layer][j]
+                if label == "refined":
+                    return kv_sub[j % n_sub][layer][j]
+                if cfg.memory.kv_refresh:
+                    return o.kv(layer, inputs0[layer][j], mem[j], j)
+                return kv0[layer][j]
 
-            logits, src_s, kv_by_subset[s] = _run_pass(o, tokens, positions, mem, lookup)
+            logits, src_s, kv_by_subset[s], _ = _run_pass(o, tokens, positions, mem, lookup)
             src.update(src_s)
             passes.append((positions, logits))
         per_row.append(passes)
@@ -237,7 +253,7 @@ def oracle_refine(params, tokens_bn, cfg):
         mem = {t: np.zeros(cfg.d_model) for t in everything}
         passes = []
         for _ in range(cfg.memory.passes + 1):
-            logits, src, _ = _run_pass(o, tokens, everything, mem, None)
+            logits, src, _, _ = _run_pass(o, tokens, everything, mem, None)
             passes.append((everything, logits))
             mem = _shifted(o, tokens, src)
         per_row.append(passes)
@@ -408,11 +424,37 @@ def test_exact_forward_eval_and_decoding_equal_the_oracle(case):
 
 
 TRAIN_CASES = {
+    # id: (n_layers, N, memory changes); the first three run in make test, the rest in test-slow.
     "interleaved-S2-shared-rope": (2, 8, dict(training="interleaved", passes=2, kind="shared")),
-    "refine-K2-layerwise-alibi-layer0": (
+    "refine-K2-layerwise-alibi-layer0-weighted": (
         2,
         6,
-        dict(training="refine", passes=2, kind="layerwise", layer=0, position="alibi"),
+        dict(
+            training="refine",
+            passes=2,
+            kind="layerwise",
+            layer=0,
+            position="alibi",
+            pass_weights=(0.1, 0.3, 0.6),
+        ),
+    ),
+    "interleaved-S2-refresh-layerwise-rope-layer1": (
+        2,
+        8,
+        dict(training="interleaved", passes=2, kind="layerwise", layer=1, kv_refresh=True),
+    ),
+    "interleaved-S4-refresh-shared-kv-alibi-L4-N64": (
+        4,
+        64,
+        dict(
+            training="interleaved",
+            passes=4,
+            kind="shared",
+            injection="kv",
+            kv_refresh=True,
+            position="alibi",
+            pass_weights=(1.0, 0.0, 2.0, 1.0, 0.5),
+        ),
     ),
     "interleaved-S2-layerwise-alibi-layer1-L4-N64": (
         4,
@@ -432,33 +474,48 @@ TRAIN_CASES = {
 }
 
 
-def _passes_and_loss(params, tokens, config):
-    passes = lrt.parallel_passes(params, tokens[:, :-1], config)
-    ce_sum, _ = lrt.loss_sums(params, tokens[:, :-1], tokens[:, 1:], config)
-    return [logits for _, logits in passes], ce_sum
+def _passes_loss_and_eval(params, tokens, config):
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    passes = lrt.parallel_passes(params, inputs, config)
+    ce_sum, _ = lrt.loss_sums(params, inputs, targets, config)
+    return [logits for _, logits in passes], ce_sum, lrt.eval_sums(params, inputs, targets, config)
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_training_passes_equal_the_hand_built_reference(case):
     n_layers, n, memory = TRAIN_CASES[case]
     with jax.enable_x64(True):
-        cfg = _cfg(n_layers, **memory)
+        cfg = _cfg(n_layers, eval_bucket=n // 4 + 1, **memory)
         params = _params(cfg)
         tokens = _tokens(2, n + 1)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         oracle = oracle_interleaved if cfg.memory.training == "interleaved" else oracle_refine
         want = oracle(params, inputs, cfg)
-        got, ce_sum = jax.jit(_passes_and_loss, static_argnames="config")(
-            params, jnp.asarray(tokens), cfg
-        )
-        assert len(got) == len(want)
+        run = jax.jit(_passes_loss_and_eval, static_argnames="config")
+        got, ce_sum, sums = run(params, jnp.asarray(tokens), cfg)
+        assert len(got) == len(want) == cfg.memory.passes + 1
         for i, (logits, (_, want_logits)) in enumerate(zip(got, want, strict=True)):
             np.testing.assert_allclose(
                 np.asarray(logits), want_logits, atol=TOL, rtol=TOL, err_msg=f"pass {i}"
             )
-        # Loss: the mean over passes of each pass's mean CE, on the scale of B*N tokens.
-        means = [_ce(w, targets[:, positions], V) / w[..., 0].size for positions, w in want]
-        np.testing.assert_allclose(float(ce_sum), np.mean(means) * inputs.size, rtol=TOL)
+        # Loss: the (weighted) mean over passes of each pass's mean CE, on the B*N scale.
+        means = np.array([_ce(w, targets[:, pos], V) / w[..., 0].size for pos, w in want])
+        weights = np.array(cfg.memory.pass_weights or [1.0] * len(want))
+        want_loss = np.sum(weights * means) / np.sum(weights) * inputs.size
+        np.testing.assert_allclose(float(ce_sum), want_loss, rtol=TOL)
+        # Eval: each pass's mean CE and the exact CE by position bucket, on the B*N scale.
+        for i, mean in enumerate(means):
+            np.testing.assert_allclose(float(sums[f"ce_sum_pass{i}"]) / inputs.size, mean, rtol=TOL)
+        exact = oracle_exact(params, inputs, cfg)
+        width = cfg.memory.eval_bucket
+        buckets = [k for k in sums if k.startswith("ce_sum_pos")]
+        assert len(buckets) == -(-n // width) > 1
+        for start in range(0, n, width):
+            end = min(start + width, n)
+            ce = _ce(exact[:, start:end], targets[:, start:end], V) / (2 * (end - start))
+            np.testing.assert_allclose(
+                float(sums[f"ce_sum_pos{start}_{end}"]) / inputs.size, ce, rtol=TOL
+            )
         # The memory pathway is live: the last pass differs from the zero-memory pass 0.
         last_positions, last = want[-1]
         assert np.max(np.abs(last - want[0][1][:, last_positions])) > 1e-3
