@@ -15,6 +15,7 @@ rt_jax/models/lrt.py; only the parameter tree's names and layout are common.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -519,3 +520,87 @@ def test_training_passes_equal_the_hand_built_reference(case):
         # The memory pathway is live: the last pass differs from the zero-memory pass 0.
         last_positions, last = want[-1]
         assert np.max(np.abs(last - want[0][1][:, last_positions])) > 1e-3
+
+
+def _oracle_refine_loss(params, inputs, targets, cfg, frozen=None):
+    """The refine loss by the oracle; ``frozen`` (parameters) computes every pass's memory from
+    the passes run with those parameters instead (what ``memory.detach`` differentiates)."""
+    o, ref = Oracle(params, cfg), Oracle(frozen if frozen is not None else params, cfg)
+    weights = np.array(cfg.memory.pass_weights or [1.0] * (cfg.memory.passes + 1))
+    total = 0.0
+    for tokens, target in zip(np.asarray(inputs), np.asarray(targets), strict=True):
+        everything = list(range(len(tokens)))
+        mem = {t: np.zeros(cfg.d_model) for t in everything}
+        for weight in weights:
+            logits, src, _, _ = _run_pass(o, tokens, everything, mem, None)
+            if frozen is not None:
+                _, src, _, _ = _run_pass(ref, tokens, everything, mem, None)
+            row = np.stack([logits[p] for p in everything])
+            total += weight * _ce(row, target, V) / len(everything)
+            mem = _shifted(o, tokens, src)
+    return total / np.sum(weights) / len(inputs)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_refine_gradient_with_and_without_detach_equals_finite_differences(detach):
+    """d loss / d gamma of the refine objective (K = 2, weights 0.1/0.3/0.6) against central
+    differences of the oracle; with detach the memories are held at the unperturbed passes'."""
+    memory = dict(training="refine", passes=2, pass_weights=(0.1, 0.3, 0.6), detach=detach)
+    with jax.enable_x64(True):
+        cfg = _cfg(2, **memory)
+        params = _params(cfg)
+        tokens = _tokens(2, 7)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+        def loss(p):
+            return lrt.loss_sums(p, jnp.asarray(inputs), jnp.asarray(targets), cfg)[0] / inputs.size
+
+        grad = np.asarray(jax.jit(jax.grad(loss))(params)["lrt"]["gamma"])
+        eps, fd = 1e-5, []
+        for layer in range(cfg.n_layers):
+            sides = []
+            for sign in (1, -1):
+                gamma = params["lrt"]["gamma"].copy()
+                gamma[layer] += sign * eps
+                moved = {**params, "lrt": {**params["lrt"], "gamma": gamma}}
+                frozen = params if detach else None
+                sides.append(_oracle_refine_loss(moved, inputs, targets, cfg, frozen))
+            fd.append((sides[0] - sides[1]) / (2 * eps))
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+        # The two objectives have different gradients (the memory path carries signal).
+        other = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, detach=not detach))
+        other_grad = jax.jit(jax.grad(lambda p: lrt.loss_sums(p, inputs, targets, other)[0]))(
+            params
+        )["lrt"]["gamma"]
+        assert np.max(np.abs(np.asarray(other_grad) / inputs.size - grad)) > 1e-4
+
+
+@pytest.mark.parametrize("n_subsets", [8, 2])
+def test_parallel_prefill_is_exact_only_with_one_position_per_subset(n_subsets):
+    """memory.prefill='parallel' (APPROXIMATE): with S = the prompt length every subset is one
+    position and the prefill (logits, cache, memory) is the exact recurrence, so decoding after
+    it equals the oracle; with S = 2 the logits are the training passes' merged ones."""
+    with jax.enable_x64(True):
+        cfg = _cfg(2, passes=n_subsets, prefill="parallel", layer=0)
+        params = _params(cfg)
+        tokens = _tokens(2, 12)
+        want = oracle_exact(params, tokens, cfg)
+        lengths = [8, 5]
+        logits, cache = prefill(params, [tokens[b, :m] for b, m in enumerate(lengths)], cfg, 12)
+        rows = np.arange(2)
+        last = np.asarray(lengths) - 1
+        if n_subsets == 8:
+            np.testing.assert_allclose(np.asarray(logits), want[rows, last], atol=TOL, rtol=TOL)
+            for i in range(12 - max(lengths)):
+                pos = np.asarray(lengths) + i
+                logits, cache = decode_step(params, cache, tokens[rows, pos], cfg)
+                np.testing.assert_allclose(np.asarray(logits), want[rows, pos], atol=TOL, rtol=TOL)
+        else:
+            prompt = tokens[:, :8]
+            merged = {}
+            for positions, pass_logits in oracle_interleaved(params, prompt, cfg):
+                merged.update({p: pass_logits[:, i] for i, p in enumerate(positions)})
+            np.testing.assert_allclose(
+                np.asarray(logits), np.stack([merged[p][b] for b, p in enumerate(last)]), atol=TOL
+            )
+            assert np.max(np.abs(np.asarray(logits) - want[rows, last])) > 1e-4  # approximate
