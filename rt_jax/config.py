@@ -20,7 +20,7 @@ BLOCK_TYPES = ("transformer", "recurrent")
 IMPLS = ("reference", "tiled", "pallas")
 MEMORY_KINDS = ("none", "shared", "layerwise")
 MEMORY_INJECTIONS = ("both", "kv", "residual")
-MEMORY_TRAININGS = ("interleaved", "refine")
+MEMORY_TRAININGS = ("interleaved", "refine", "chunked")
 MEMORY_PREFILLS = ("exact", "parallel")
 HANDOFFS = ("base", "residual", "anchor", "anchor-emb", "mesh")
 
@@ -48,8 +48,9 @@ class MemoryConfig:
     ``kind``: "shared" (one memory K/V projection for every layer) or "layerwise" (one per layer).
     ``layer``: the source state (-1 = the final normalised state, i >= 0 = the output of layer i).
     ``injection``: "both", "kv" (gates and memory K/V only) or "residual" (gamma only).
-    ``training``: "interleaved" (``passes`` = S strided position subsets) or "refine"
-    (``passes`` = K extra full passes). ``reset_token``: the memory is zero at a position whose
+    ``training``: "interleaved" (``passes`` = S strided position subsets), "refine"
+    (``passes`` = K extra full passes) or "chunked" (``passes`` = S contiguous chunks in order:
+    the memory crosses chunk boundaries only). ``reset_token``: the memory is zero at a position whose
     previous input token is this id (a document separator such as EOS); -1 = never reset.
 
     Reference-code options (docs/lrt.md): ``kv_refresh`` (interleaved: before each subset pass,
@@ -97,10 +98,10 @@ class MemoryConfig:
                 "or a layer index >= 0"
             )
         _check_choice("memory.prefill", self.prefill, MEMORY_PREFILLS)
-        if self.kv_refresh and (self.training != "interleaved" or not self.uses_kv()):
+        if self.kv_refresh and (self.training == "refine" or not self.uses_kv()):
             raise ValueError(
                 "ModelConfig.memory.kv_refresh=True refreshes the buffered K/V of interleaved "
-                f"training through W_kvmem: it needs training='interleaved' (got "
+                f"training through W_kvmem: it needs training 'interleaved' or 'chunked' (got "
                 f"{self.training!r}) and injection 'both' or 'kv' (got {self.injection!r})"
             )
         n_passes = self.passes + 1

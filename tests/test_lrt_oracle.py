@@ -171,11 +171,17 @@ def oracle_exact(params, tokens_bn, cfg):
     return np.stack(out)
 
 
-def kv_source(subset, j, n_subsets):
-    """Which K/V the queries of subset pass ``subset`` see at key position j (interleaved)."""
-    if j % n_subsets == subset:
+def subset_of(j, n, n_subsets, training):
+    """The subset pass that recomputes position j: j mod S (interleaved) or j // (N/S) (chunked)."""
+    return j // (n // n_subsets) if training == "chunked" else j % n_subsets
+
+
+def kv_source(subset, j, n, n_subsets, training="interleaved"):
+    """Which K/V the queries of subset pass ``subset`` see at key position j."""
+    owner = subset_of(j, n, n_subsets, training)
+    if owner == subset:
         return "fresh"
-    return "refined" if j % n_subsets < subset else "stale"
+    return "refined" if owner < subset else "stale"
 
 
 def _run_pass(o, tokens, positions, mem, kv_lookup):
@@ -213,27 +219,28 @@ def _shifted(o, tokens, src):
 
 
 def oracle_interleaved(params, tokens_bn, cfg):
-    """Interleaved training passes by hand: [(positions, logits B x |P| x E)] in pass order.
+    """Interleaved (or chunked) training passes by hand: [(positions, logits B x |P| x E)] in pass order.
 
     With ``memory.kv_refresh`` a stale pair is pass 0's, recomputed from pass 0's layer input
     (gates and local part) with the memory the position has just before the subset pass."""
-    o, n_sub = Oracle(params, cfg), cfg.memory.passes
+    o, n_sub, training = Oracle(params, cfg), cfg.memory.passes, cfg.memory.training
     per_row = []
     for tokens in np.asarray(tokens_bn):
-        everything = list(range(len(tokens)))
+        n = len(tokens)
+        everything = list(range(n))
         zero = {t: np.zeros(cfg.d_model) for t in everything}
         logits0, src0, kv0, inputs0 = _run_pass(o, tokens, everything, zero, None)
         passes = [(everything, logits0)]
         src, kv_by_subset = dict(src0), {}
         for s in range(n_sub):
-            positions = everything[s::n_sub]
+            positions = [j for j in everything if subset_of(j, n, n_sub, training) == s]
             mem = _shifted(o, tokens, src)
 
-            def lookup(layer, j, s=s, mem=mem, kv0=kv0, inputs0=inputs0, kv_sub=kv_by_subset):
-                label = kv_source(s, j, n_sub)
+            def lookup(layer, j, s=s, n=n, mem=mem, kv0=kv0, inputs0=inputs0, kv_sub=kv_by_subset):
+                label = kv_source(s, j, n, n_sub, training)
                 assert label != "fresh"
                 if label == "refined":
-                    return kv_sub[j % n_sub][layer][j]
+                    return kv_sub[subset_of(j, n, n_sub, training)][layer][j]
                 if cfg.memory.kv_refresh:
                     return o.kv(layer, inputs0[layer][j], mem[j], j)
                 return kv0[layer][j]
@@ -329,7 +336,7 @@ def _tokens(b, n, seed=2):
 def test_kv_source_table_for_two_subsets():
     """S = 2 by hand: the even subset sees its own fresh pairs and pass 0's stale odd pairs; the
     odd subset sees the even subset's refined pairs and its own fresh ones."""
-    table = {(s, j): kv_source(s, j, 2) for s in (0, 1) for j in range(4)}
+    table = {(s, j): kv_source(s, j, 4, 2) for s in (0, 1) for j in range(4)}
     assert table == {
         (0, 0): "fresh",
         (0, 1): "stale",
@@ -340,6 +347,11 @@ def test_kv_source_table_for_two_subsets():
         (1, 2): "refined",
         (1, 3): "fresh",
     }
+    # Chunked, 2 chunks of 2: the first chunk never sees the second (causal), the second sees
+    # the first's refined pairs: no query attends to a stale pair.
+    chunked = {(s, j): kv_source(s, j, 4, 2, "chunked") for s in (0, 1) for j in range(4)}
+    assert [chunked[1, j] for j in range(4)] == ["refined", "refined", "fresh", "fresh"]
+    assert [chunked[0, j] for j in range(2)] == ["fresh", "fresh"]
 
 
 EXACT_CASES = {
@@ -457,6 +469,12 @@ TRAIN_CASES = {
             pass_weights=(1.0, 0.0, 2.0, 1.0, 0.5),
         ),
     ),
+    "chunked-S2-shared-rope-layer0": (2, 8, dict(training="chunked", passes=2, layer=0)),
+    "chunked-S4-refresh-layerwise-alibi-L4-N64": (
+        4,
+        64,
+        dict(training="chunked", passes=4, kind="layerwise", kv_refresh=True, position="alibi"),
+    ),
     "interleaved-S2-layerwise-alibi-layer1-L4-N64": (
         4,
         64,
@@ -490,7 +508,7 @@ def test_training_passes_equal_the_hand_built_reference(case):
         params = _params(cfg)
         tokens = _tokens(2, n + 1)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        oracle = oracle_interleaved if cfg.memory.training == "interleaved" else oracle_refine
+        oracle = oracle_refine if cfg.memory.training == "refine" else oracle_interleaved
         want = oracle(params, inputs, cfg)
         run = jax.jit(_passes_loss_and_eval, static_argnames="config")
         got, ce_sum, sums = run(params, jnp.asarray(tokens), cfg)

@@ -25,8 +25,11 @@ Three ways to run one model, all built from ``_run_layers`` (a scan over the sta
   write their fresh K/V into the buffer and attend causally to the whole buffer.
 * multi-refinement (``"refine"``, K = ``memory.passes``): K more full passes, each with the
   previous pass's shifted source states as memory.
+* chunked (``"chunked"``, S = ``memory.passes`` contiguous chunks): as interleaved, with chunk s =
+  positions [s*N/S, (s+1)*N/S) in order, so only a chunk's first position reads a refined memory.
 
-Training loss: the mean over passes of each pass's mean cross-entropy (nothing detached).
+Training loss: the mean over passes of each pass's mean cross-entropy (``memory.pass_weights``
+weights them; ``memory.detach`` stops gradients through the memory between passes).
 """
 
 from __future__ import annotations
@@ -459,11 +462,12 @@ def shifted_memory(src_BxNxD: jax.Array, keep_BxN: jax.Array) -> jax.Array:
 
 
 def check_seq_len(config: ModelConfig, seq_len: int) -> None:
-    """ValueError unless interleaved training can split ``seq_len`` into memory.passes subsets."""
-    if config.memory.training == "interleaved" and seq_len % config.memory.passes:
+    """ValueError unless interleaved (chunked) training can split ``seq_len`` into memory.passes
+    subsets (chunks)."""
+    if config.memory.training != "refine" and seq_len % config.memory.passes:
         raise ValueError(
-            f"LRT interleaved training splits the sequence into memory.passes="
-            f"{config.memory.passes} strided subsets, but seq_len={seq_len} is not divisible by "
+            f"LRT {config.memory.training} training splits the sequence into memory.passes="
+            f"{config.memory.passes} subsets, but seq_len={seq_len} is not divisible by "
             "it: change data.seq_len or model.memory.passes"
         )
 
@@ -520,12 +524,17 @@ def _parallel_run(
             passes.append((slice(None), head(params, x, config)))
         return passes, k_buf, v_buf, src
     n_subsets = config.memory.passes
+    chunk = n // n_subsets
+    subset_of = pos // chunk if config.memory.training == "chunked" else pos % n_subsets
     mem_used = jnp.zeros_like(x0)  # the memory whose K/V contribution the buffers hold
     for s in range(n_subsets):
-        sub = slice(s, None, n_subsets)
+        if config.memory.training == "chunked":
+            sub = slice(s * chunk, (s + 1) * chunk)
+        else:
+            sub = slice(s, None, n_subsets)
         mem_all = _pass_memory(src, keep, config)
         if refresh:  # positions of later subsets: the cheap K/V update with the latest memory
-            later = (pos % n_subsets) > s
+            later = subset_of > s
             k_buf, v_buf, state, mem_used = kv_refresh(
                 params, k_buf, v_buf, state, mem_used, mem_all, later, config
             )
@@ -665,12 +674,12 @@ def prefill_parallel(
     config: ModelConfig,
     cache_size: int,
 ) -> tuple[jax.Array, KVCache]:
-    """APPROXIMATE prefill: the prompt through the training passes (interleaved or refine, as
-    configured) instead of the exact recurrence, in parallel over positions. The cache gets the
+    """APPROXIMATE prefill: the prompt through the training passes (interleaved, refine or
+    chunked, as configured) instead of the exact recurrence, in parallel over positions. The cache gets the
     final passes' K/V and each row's last source state as memory; decoding after it is exact
     given that cache. Use ``prefill`` (memory.prefill="exact") for the true model."""
     b, p = tokens_BxP.shape
-    n_subsets = config.memory.passes if config.memory.training == "interleaved" else 1
+    n_subsets = 1 if config.memory.training == "refine" else config.memory.passes
     padded = -(-p // n_subsets) * n_subsets  # causal: padding after a row cannot change it
     tokens = jnp.pad(tokens_BxP, ((0, 0), (0, padded - p)))
     x = embed(params, tokens)
@@ -706,9 +715,10 @@ def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token over all passes: interleaved = 2 forwards (pass 0, then the S
     subsets that together recompute every position once, each query attending causally to the
-    whole buffer), refine = 1 + K forwards; each times 3 for forward + backward."""
+    whole buffer; chunked the same with contiguous chunks), refine = 1 + K forwards; each times
+    3 for forward + backward."""
     check_seq_len(config, seq_len)
-    passes = 2 if config.memory.training == "interleaved" else 1 + config.memory.passes
+    passes = 1 + config.memory.passes if config.memory.training == "refine" else 2
     return TRAIN_FACTOR * passes * forward_flops_per_token(config, seq_len)
 
 
