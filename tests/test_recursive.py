@@ -285,18 +285,41 @@ def test_mesh_probe_on_untrained_tiny_models(tmp_path):
     for handoff in ("base", "mesh"):
         cfg = _config(handoff)
         params = lm.init_params(cfg, jax.random.PRNGKey(0))
-        results[f"recursive-{handoff}"] = [mesh_probe.probe_model(params, cfg, batches)]
-    base = results["recursive-base"][0]
-    assert len(base["cosine"]) == len(base["relative_update"]) == 2
-    assert all(-1 <= c <= 1 for c in base["cosine"])
+        row = mesh_probe.probe_model(params, cfg, batches)
+        results[f"recursive-{handoff}"] = {"trained": [row], "untrained": [row]}
+    base = results["recursive-base"]["trained"][0]
+    assert len(base["relative_update"]) == len(base["block_norm"]) == 6  # 1 + 2*2 + 1 blocks
     assert all(0 <= u <= 2 for u in base["relative_update"])
-    mesh = results["recursive-mesh"][0]
-    assert np.array(mesh["write"]).shape == np.array(mesh["read"]).shape == (3, 5)
-    np.testing.assert_allclose(np.array(mesh["read"]).sum(-1), 1.0, rtol=1e-5)
-    payload = mesh_probe.write_outputs(results, tmp_path, {"command": "test"})
+    cka = np.array(base["cka"])
+    assert cka.shape == (3, 3) and np.allclose(np.diag(cka), 1) and np.all(cka <= 1 + 1e-9)
+    np.testing.assert_allclose(cka, cka.T)
+    spec = np.array(base["spectrum"])
+    assert spec.shape == (3, 16) and np.allclose(spec[:, 0], 1) and np.all(np.diff(spec) <= 1e-12)
+    mesh = results["recursive-mesh"]["trained"][0]
+    assert np.array(mesh["write_mass"]).shape == np.array(mesh["read_mass"]).shape == (3, 5)
+    np.testing.assert_allclose(np.array(mesh["read_mass"]).sum(-1), 1.0, rtol=1e-5)
+    assert all(0 <= e <= np.log(5) + 1e-6 for e in mesh["read_entropy"] + mesh["write_entropy"])
+    # The first block's relative update equals the definition on the states computed by hand.
+    x = recursive.embed_inputs(params, jnp.asarray(batches[0][:, :-1]), cfg)
+    z = lm.layer_function(cfg)(
+        jax.tree.map(lambda a: a[0], params["blocks"]), x, cfg.attention_spec()
+    )
+    fro = lambda a: np.sqrt((np.asarray(a) ** 2).sum((-2, -1)))  # noqa: E731
+    rel0 = 2 * fro(z - x) / (fro(z) + fro(x))
+    x1 = recursive.embed_inputs(params, jnp.asarray(batches[1][:, :-1]), cfg)
+    z1 = lm.layer_function(cfg)(
+        jax.tree.map(lambda a: a[0], params["blocks"]), x1, cfg.attention_spec()
+    )
+    rel1 = 2 * fro(z1 - x1) / (fro(z1) + fro(x1))
+    np.testing.assert_allclose(
+        mesh["relative_update"][0], (rel0.mean() + rel1.mean()) / 2, rtol=1e-4
+    )
+    meta = {"command": "test", "commit": "x", "machine": "m", "preset": "p", "batches": 2}
+    payload = mesh_probe.write_outputs(results, tmp_path, {**meta, "train_steps": 0, "seeds": [0]})
     assert json.loads((tmp_path / "mesh_probe.json").read_text())["variants"].keys() == {
         "recursive-base",
         "recursive-mesh",
     }
     assert (tmp_path / "mesh_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert payload["variants"]["recursive-mesh"]["write"] == mesh["write"]
+    assert "| recursive-mesh | untrained | 0 |" in (tmp_path / "mesh_probe.md").read_text()
+    assert payload["variants"]["recursive-mesh"]["trained"]["read_mass"] == mesh["read_mass"]
