@@ -14,6 +14,7 @@ from rt_jax.config import FLAT_FIELDS, ModelConfig, upgrade_flat_fields
 from rt_jax.data.config import DataConfig
 
 PRESETS = ("tiny", "cpu-demo", "cpu-full", "cpu-lrt", "cpu-mesh", "paper-150m", "paper-300m")
+PRESETS += ("cpu-lrt-ablation", "cpu-lrt-strategy")  # LRT experiments (issue 14)
 ADAM_B2_CHOICES = (0.95, 0.99)
 
 
