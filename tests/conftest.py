@@ -64,6 +64,8 @@ SLOW_TESTS = (
     "tests/test_pallas_tiles.py::",
     "tests/test_pallas_layer.py::",
     "tests/test_pallas_blocks.py::",
+    "tests/test_pallas_fenwick.py::test_in_place_kernels",
+    "tests/test_pallas_copies.py::test_leaf_loops_copy_at_most_one_leaf_slice[1024]",
     "tests/test_param_matched_experiment.py::",
     "tests/test_synthetic_experiment.py::",
     "tests/test_gpu_check.py::test_dry_run_writes_results",
@@ -91,6 +93,16 @@ SLOW_TESTS = (
     "tests/test_flops.py::test_recurrent_forward_matches_xla_causal_count",
     "tests/test_flash_attention.py::test_flash_with_query_positions_under_a_mesh_equals_xla",
     "tests/test_lrt.py::test_parallel_passes_reproduce_exact_recurrence[interleaved-S=N]",
+    # issue 15 (MeSH): the cheap oracle cases stay in make test, these go to make test-slow.
+    "tests/test_mesh_oracle.py::test_forward_matches_oracle[neox-0+2R3+0-mesh-S4]",
+    "tests/test_mesh_oracle.py::test_forward_matches_oracle[neox-0+1R3+0-mesh-S4]",
+    "tests/test_mesh_oracle.py::test_forward_matches_oracle[neox-1+1R2+0-mesh-untied]",
+    "tests/test_mesh_oracle.py::test_forward_matches_oracle[olmo-0+1R3+1-mesh]",
+    "tests/test_mesh_oracle.py::test_cached_decoding_matches_oracle[olmo-1+1R3+0-mesh-S3]",
+    "tests/test_mesh_oracle.py::test_mesh_training_loss_drops_below_bound",
+    "tests/test_mesh_oracle.py::test_bf16_forward_is_finite_and_near_float32",
+    "tests/test_mesh_oracle.py::test_standard_models_take_embed_scale_and_depth_init",
+    "tests/test_mesh_presets.py::test_one_point_trains_two_steps",
 )
 
 

@@ -30,7 +30,7 @@ from rt_jax.ops.block import (
     layer_norm,
     pre_attention,
 )
-from rt_jax.ops.fenwick_calls import fenwick_block_grads
+from rt_jax.ops.fenwick_calls import fenwick_block_grads, fenwick_block_merge, in_place
 from rt_jax.ops.tiled_forward import _INNER_UNROLL, _alibi_bias, _neg_slopes_lanes, _self_state
 from rt_jax.ops.tiled_layout import (
     _acc_dtype,
@@ -133,6 +133,13 @@ def _causal_merge(
     chunk: (C B) x H x (t L) queries against (C B) x G x L keys). Each cross-leaf pair once.
     """
     n = q_l.shape[0]
+    if in_place(tile_ops, q_l):  # in-place block kernels: the forward's n - 1 calls
+        return jax.lax.fori_loop(
+            1,
+            n,
+            lambda m, st: fenwick_block_merge(tile_ops, spec, leaf, q_l, k_l, v_l, st, m),
+            state,
+        )
     for t in _levels(n):
         _, q_h = _level_halves(q_l, t)
         c = q_h.shape[0]
