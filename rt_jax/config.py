@@ -20,7 +20,8 @@ BLOCK_TYPES = ("transformer", "recurrent")
 IMPLS = ("reference", "tiled", "pallas")
 MEMORY_KINDS = ("none", "shared", "layerwise")
 MEMORY_INJECTIONS = ("both", "kv", "residual")
-MEMORY_TRAININGS = ("interleaved", "refine")
+MEMORY_TRAININGS = ("interleaved", "refine", "chunked")
+MEMORY_PREFILLS = ("exact", "parallel")
 HANDOFFS = ("base", "residual", "anchor", "anchor-emb", "mesh")
 OUTPUT_INITS = ("auto", "layer", "depth")
 
@@ -48,9 +49,19 @@ class MemoryConfig:
     ``kind``: "shared" (one memory K/V projection for every layer) or "layerwise" (one per layer).
     ``layer``: the source state (-1 = the final normalised state, i >= 0 = the output of layer i).
     ``injection``: "both", "kv" (gates and memory K/V only) or "residual" (gamma only).
-    ``training``: "interleaved" (``passes`` = S strided position subsets) or "refine"
-    (``passes`` = K extra full passes). ``reset_token``: the memory is zero at a position whose
+    ``training``: "interleaved" (``passes`` = S strided position subsets), "refine"
+    (``passes`` = K extra full passes) or "chunked" (``passes`` = S contiguous chunks in order:
+    the memory crosses chunk boundaries only). ``reset_token``: the memory is zero at a position whose
     previous input token is this id (a document separator such as EOS); -1 = never reset.
+
+    Reference-code options (docs/lrt.md): ``kv_refresh`` (interleaved: before each subset pass,
+    update the buffered K/V of not-yet-visited positions with the latest memory, the cheap
+    delta through W_kvmem); ``pass_weights`` (loss weight of each pass, pass 0 first: S+1 or K+1
+    non-negative numbers; empty = equal); ``detach`` (stop gradients through the memory handed
+    from one pass to the next); ``gate_lr_scale`` (learning-rate multiplier of gamma and the
+    gates, their own optimiser group); ``eval_bucket`` (the exact CE is also reported per bucket
+    of this many positions when the sequence is longer; 0 = off); ``prefill`` ("exact": the
+    prompt token by token; "parallel": APPROXIMATE, the training passes over the prompt).
     """
 
     kind: str = "none"
@@ -59,6 +70,12 @@ class MemoryConfig:
     training: str = "interleaved"
     passes: int = 2
     reset_token: int = -1
+    kv_refresh: bool = False
+    pass_weights: tuple[float, ...] = ()
+    detach: bool = False
+    gate_lr_scale: float = 1.0
+    eval_bucket: int = 256
+    prefill: str = "exact"
 
     def __post_init__(self) -> None:
         _check_choice("memory.kind", self.kind, MEMORY_KINDS)
@@ -80,6 +97,35 @@ class MemoryConfig:
             raise ValueError(
                 f"ModelConfig.memory.layer={self.layer!r}: use -1 (the final normalised state) "
                 "or a layer index >= 0"
+            )
+        _check_choice("memory.prefill", self.prefill, MEMORY_PREFILLS)
+        if self.kv_refresh and (self.training == "refine" or not self.uses_kv()):
+            raise ValueError(
+                "ModelConfig.memory.kv_refresh=True refreshes the buffered K/V of interleaved "
+                f"training through W_kvmem: it needs training 'interleaved' or 'chunked' (got "
+                f"{self.training!r}) and injection 'both' or 'kv' (got {self.injection!r})"
+            )
+        n_passes = self.passes + 1
+        weights = self.pass_weights
+        if weights and (
+            len(weights) != n_passes
+            or any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights)
+            or sum(weights) <= 0
+        ):
+            raise ValueError(
+                f"ModelConfig.memory.pass_weights={weights!r}: give {n_passes} non-negative "
+                f"numbers (pass 0, then the {self.passes} passes of memory.passes) with a positive "
+                "sum, or () for equal weights"
+            )
+        if not isinstance(self.gate_lr_scale, (int, float)) or not self.gate_lr_scale > 0:
+            raise ValueError(
+                f"ModelConfig.memory.gate_lr_scale={self.gate_lr_scale!r}: use a positive "
+                "learning-rate multiplier for gamma and the gates (1.0 = the base lr)"
+            )
+        if not _is_int(self.eval_bucket) or self.eval_bucket < 0:
+            raise ValueError(
+                f"ModelConfig.memory.eval_bucket={self.eval_bucket!r}: use a number of positions "
+                "per bucket of the sequential CE (0 = no buckets)"
             )
 
     @property

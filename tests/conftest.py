@@ -64,6 +64,8 @@ SLOW_TESTS = (
     "tests/test_pallas_tiles.py::",
     "tests/test_pallas_layer.py::",
     "tests/test_pallas_blocks.py::",
+    "tests/test_pallas_fenwick.py::test_in_place_kernels",
+    "tests/test_pallas_copies.py::test_leaf_loops_copy_at_most_one_leaf_slice[1024]",
     "tests/test_param_matched_experiment.py::",
     "tests/test_synthetic_experiment.py::",
     "tests/test_gpu_check.py::test_dry_run_writes_results",

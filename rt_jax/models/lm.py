@@ -177,7 +177,7 @@ def cross_entropy_sums(
 
     Logits of padding rows (index >= vocab_size) are masked to -inf, so they get no probability.
     """
-    logits = logits_BxNxE.astype(jnp.float32)
+    logits = logits_BxNxE.astype(jnp.promote_types(logits_BxNxE.dtype, jnp.float32))  # f64 stays
     if logits.shape[-1] > vocab_size:
         real = jnp.arange(logits.shape[-1]) < vocab_size
         logits = jnp.where(real, logits, -jnp.inf)
