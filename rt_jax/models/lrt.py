@@ -57,7 +57,7 @@ from rt_jax.ops.block import (
     pre_attention,
     query_projection,
 )
-from rt_jax.ops.decode import cached_attention
+from rt_jax.ops.decode import decode_layer
 from rt_jax.ops.transformer import causal_attention
 
 if TYPE_CHECKING:
@@ -312,23 +312,46 @@ def _token_step(
     """One token per row (embedding x, id) at its position: (logits BxE, new k and v LxBxGxK,
     next memory BxD). The next memory is this token's source state, zeroed when the token is the
     reset token.
+
+    Each layer is the baseline's ``rt_jax.ops.decode.decode_layer`` (the same cached attention,
+    output projection and MLP as Transformer decoding) after the residual injection, with LRT's
+    memory-mixed q/k/v; so LRT and Transformer decode on equal code paths and differ only by the
+    memory pathway (tested bit for bit with zero memory).
     """
     spec = config.attention_spec()
+    memory = params[PARAMS_KEY]
+    per_layer = {k: v for k, v in memory.items() if k != "w_kvmem_shared"}
+    mem_1xBxD = mem_BxD[None].astype(x_BxD.dtype)
+    shared_kv = None
+    if "w_kvmem_shared" in memory:
+        shared_kv = memory_kv(memory["w_kvmem_shared"], mem_1xBxD, spec)
+    source_layer = config.memory.layer
 
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array, caches: tuple) -> tuple[jax.Array, Any]:
-        k_cache, v_cache = caches
-        att = cached_attention(q[0], k_cache, v_cache, k[0], v[0], pos_B, spec)
-        return att[None], (k[0], v[0])
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, tuple[jax.Array, jax.Array]]:
+        x, src = carry
+        p, index, k_l, v_l = xs
+        kv_mem = memory_kv(p["w_kvmem"], mem_1xBxD, spec) if "w_kvmem" in p else shared_kv
+        x = inject(p, x[None], mem_1xBxD)[0]
 
-    # The batch plays the role of the position axis, so each row gets its own position.
-    x_1xBxD = x_BxD[None]
-    mem_1xBxD = mem_BxD[None].astype(x_1xBxD.dtype)
-    x, src, (k_new, v_new) = _run_layers(
-        params, x_1xBxD, mem_1xBxD, pos_B, config, attend, (k_cache_LxBxGxSxK, v_cache_LxBxGxSxK)
-    )
-    logits = head(params, x[0], config)
+        def qkv(p_: Params, x_: jax.Array, pos: jax.Array, spec_: AttentionSpec) -> tuple:
+            return lrt_qkv(p_, x_, kv_mem, pos, spec_)
+
+        z, k_new, v_new = decode_layer(p, x, k_l, v_l, pos_B, spec, recurrent=False, qkv=qkv)
+        if source_layer >= 0:
+            src = jnp.where(index == source_layer, z, src)
+        return (z, src), (k_new, v_new)
+
+    src0 = jnp.zeros_like(x_BxD) if source_layer >= 0 else jnp.zeros((), x_BxD.dtype)
+    layers = {**params["blocks"], **per_layer}
+    xs = (layers, jnp.arange(config.n_layers), k_cache_LxBxGxSxK, v_cache_LxBxGxSxK)
+    (x, src), (k_new, v_new) = jax.lax.scan(body, (x_BxD, src0), xs)
+    if source_layer < 0:
+        src = layer_norm(x, params["ln_f"], config.norm_eps)
+    else:
+        src = normalise_source(src, config.norm_eps)
+    logits = head(params, x, config)
     keep_B = tokens_B != config.memory.reset_token
-    next_mem = jnp.where(keep_B[:, None], src[0], jnp.zeros_like(src[0]))
+    next_mem = jnp.where(keep_B[:, None], src, jnp.zeros_like(src))
     return logits, k_new, v_new, next_mem
 
 

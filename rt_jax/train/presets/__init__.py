@@ -11,3 +11,6 @@ MESH_ABLATIONS = (
     "paper-mesh-alloc",
 )
 """The MeSH paper's ablations (``_mesh_ablation``), at CPU scale and at the paper's shapes."""
+
+LRT_EXPERIMENTS = ("cpu-lrt-ablation", "cpu-lrt-strategy")
+"""The LRT paper's architecture ablations and training-strategy comparison at CPU scale."""
