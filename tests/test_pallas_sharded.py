@@ -75,9 +75,14 @@ def test_sharded_pallas_step_equals_unsharded_tiled_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params_p, params_t)
 
 
-def test_sharded_pallas_gradients_equal_tiled():
-    cfg_p = _cfg("pallas", "model.interpret=true")
-    cfg_t = _cfg("tiled")
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["model.leaf_size=8", "data.seq_len=24"]],  # leaf 8: the in-place Fenwick kernels
+    ids=["window-calls", "in-place"],
+)
+def test_sharded_pallas_gradients_equal_tiled(extra):
+    cfg_p = _cfg("pallas", "model.interpret=true", *extra)
+    cfg_t = _cfg("tiled", *extra)
     mesh = make_mesh(MeshConfig(2, 2, 2))
     ts = build_train_step(cfg_t, mesh)
     params = ts.init()["params"]

@@ -54,3 +54,33 @@ def test_tiled_block_traffic_is_n_log_n_and_beats_naive_by_100x_at_4096():
     leaf_4k, _ = rt_layer_traffic(4096, H, KD, 32, False, TPU_V5E)
     assert 15 < leaf_4k / leaf_1k < 17
     assert flash_traffic(4096, H, KD, 256) < naive_traffic(4096, H, KD)
+
+
+def test_in_place_traffic_is_n_log_n_and_the_readme_paragraph_is_rendered_from_results():
+    import json
+
+    from experiments.bench_traffic import (
+        README_BEGIN,
+        README_END,
+        inplace_layer_traffic,
+        padding_waste,
+        padding_waste_inplace,
+        render_readme,
+    )
+
+    per = []
+    for n in (1024, 4096, 16384):
+        per.append(inplace_layer_traffic(n, H, KD, 32, TPU_V5E)["bytes"] / (n * math.log2(n // 32)))
+    assert max(per) / min(per) < 1.1
+    # exact leaf blocks: no row padding; keys still fill 128-wide chunks (leaf 32: 1.33x at 512)
+    assert padding_waste(512, 32, TPU_V5E) > 2.3
+    assert abs(padding_waste_inplace(512, 32, TPU_V5E) - 160 / 120) < 1e-9
+    assert padding_waste_inplace(512, 128, TPU_V5E) == 1.0
+    with open("results/bench_traffic.json") as f:
+        results = json.load(f)
+    with open("README.md") as f:
+        readme = f.read()
+    block = readme[readme.index(README_BEGIN) + len(README_BEGIN) : readme.index(README_END)]
+    assert block.strip() == render_readme(results, results["summary"]["command"]).strip(), (
+        "README's traffic paragraph is stale: run python -m experiments.bench_traffic --render-only"
+    )

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import rt_jax
-from rt_jax.config import LoopConfig, ModelConfig
+from rt_jax.config import LoopConfig, ModelConfig, parse_layout
 from rt_jax.decoding import decode_step, prefill
 from rt_jax.models import lm, recursive
 from rt_jax.train.sharding import logical_axes, path_name
@@ -180,7 +180,7 @@ def _one_hot_routers(params, cfg, choices):
     ],
 )
 def test_one_hot_mesh_reproduces_handoff(target, loop, choices):
-    n_layers = recursive.parse_layout(loop).distinct_layers
+    n_layers = parse_layout(loop).distinct_layers
     cfg = _config("mesh", loop=loop, n_layers=n_layers, embed_scale=True)
     params = _one_hot_routers(lm.init_params(cfg, jax.random.PRNGKey(4)), cfg, choices)
     tokens = _tokens(5)
@@ -231,7 +231,7 @@ def test_layout_validation_and_depth():
     cfg = _config("mesh")
     assert recursive.compute_depth(cfg) == cfg.cache_layers == 6
     assert recursive.n_slots(cfg) == 5
-    assert recursive.parse_layout("4+8R2+4").unrolled_layers() == (
+    assert parse_layout("4+8R2+4").unrolled_layers() == (
         (0, 1, 2, 3) + tuple(range(4, 12)) * 2 + (12, 13, 14, 15)
     )
     for bad in ("2+4x2+2", "2+4R2", "2+0R2+2", "2+4R0+2", "a+4R2+2"):
@@ -241,8 +241,8 @@ def test_layout_validation_and_depth():
         _config("base", n_layers=5)
     with pytest.raises(ValueError, match="mesh_slots"):
         _config("mesh", mesh_slots=1)
-    with pytest.raises(ValueError, match="mesh_slots"):
-        _config("anchor", mesh_slots=4)
+    # Other hand-offs ignore mesh_slots (so one --set sweeps a whole comparison's buffer length).
+    assert _config("anchor", mesh_slots=4).loop.extra_params(_config("anchor")) == 0
 
 
 def test_init_is_depth_aware_and_routers_as_documented():
@@ -277,47 +277,6 @@ def test_router_count_and_config_params():
     assert recursive.extra_params(plain) == 0
 
 
-# Paper Table 5 (Pythia-1.4B) and the router counts of every Table 1 configuration.
-PYTHIA_VOCAB_ROWS = 52_352  # rows per untied matrix that give Table 5's totals (Pythia: 50,304)
-
-
-def test_pythia_counts_reproduce_table_5_and_table_1_routers():
-    count = recursive.pythia_param_counts
-    vanilla = count(2048, PYTHIA_VOCAB_ROWS, 24)
-    rec = count(2048, PYTHIA_VOCAB_ROWS, 24, "4+8R2+4")
-    mesh = count(2048, PYTHIA_VOCAB_ROWS, 24, "4+8R2+4", mesh=True)
-    assert (vanilla["total"], vanilla["non_embedding"]) == (1_423_036_416, 1_208_602_624)
-    assert (rec["total"], rec["non_embedding"]) == (1_020_170_240, 805_736_448)
-    assert (mesh["total"], mesh["non_embedding"], mesh["router"]) == (
-        1_020_231_710,
-        805_797_918,
-        61_470,
-    )
-    table_1 = [
-        (768, 12, "2+4R2+2", 23_070),  # 160M
-        (1024, 24, "4+8R2+4", 30_750),  # 410M
-        (1024, 24, "3+6R3+3", 49_200),  # 410M, B = 6
-        (2048, 16, "3+5R2+3", 61_470),  # 1B
-        (2048, 24, "4+8R2+4", 61_470),  # 1.4B
-    ]
-    for d, depth, loop, routers in table_1:
-        assert count(d, 50_304, depth, loop, mesh=True)["router"] == routers
-    # Non-embedding reductions of Table 1: -33.3%, -50%, -31.3%.
-    for d, depth, loop, reduction in [(768, 12, "2+4R2+2", 1 / 3), (1024, 24, "3+6R3+3", 0.5)]:
-        full, looped = count(d, 50_304, depth), count(d, 50_304, depth, loop)
-        ratio = 1 - (looped["non_embedding"] - 2 * d) / (full["non_embedding"] - 2 * d)
-        assert ratio == pytest.approx(reduction)
-    for args, kwargs in [
-        ((2048, 50_304, 24, "4+8R2+2"), {}),  # compute depth 22, not 24
-        ((2048, 50_304, 24), {"mesh": True}),  # MeSH needs a loop
-        ((2048, 50_304, 24, "4+8R2+4"), {"mesh": True, "mesh_slots": 1}),
-        ((2048, 50_304, 24, "4x8R2+4"), {}),
-        ((0, 50_304, 24), {}),
-    ]:
-        with pytest.raises(ValueError):
-            count(*args, **kwargs)
-
-
 def test_mesh_probe_on_untrained_tiny_models(tmp_path):
     from experiments import mesh_probe
 
@@ -326,18 +285,41 @@ def test_mesh_probe_on_untrained_tiny_models(tmp_path):
     for handoff in ("base", "mesh"):
         cfg = _config(handoff)
         params = lm.init_params(cfg, jax.random.PRNGKey(0))
-        results[f"recursive-{handoff}"] = [mesh_probe.probe_model(params, cfg, batches)]
-    base = results["recursive-base"][0]
-    assert len(base["cosine"]) == len(base["relative_update"]) == 2
-    assert all(-1 <= c <= 1 for c in base["cosine"])
+        row = mesh_probe.probe_model(params, cfg, batches)
+        results[f"recursive-{handoff}"] = {"trained": [row], "untrained": [row]}
+    base = results["recursive-base"]["trained"][0]
+    assert len(base["relative_update"]) == len(base["block_norm"]) == 6  # 1 + 2*2 + 1 blocks
     assert all(0 <= u <= 2 for u in base["relative_update"])
-    mesh = results["recursive-mesh"][0]
-    assert np.array(mesh["write"]).shape == np.array(mesh["read"]).shape == (3, 5)
-    np.testing.assert_allclose(np.array(mesh["read"]).sum(-1), 1.0, rtol=1e-5)
-    payload = mesh_probe.write_outputs(results, tmp_path, {"command": "test"})
+    cka = np.array(base["cka"])
+    assert cka.shape == (3, 3) and np.allclose(np.diag(cka), 1) and np.all(cka <= 1 + 1e-9)
+    np.testing.assert_allclose(cka, cka.T)
+    spec = np.array(base["spectrum"])
+    assert spec.shape == (3, 16) and np.allclose(spec[:, 0], 1) and np.all(np.diff(spec) <= 1e-12)
+    mesh = results["recursive-mesh"]["trained"][0]
+    assert np.array(mesh["write_mass"]).shape == np.array(mesh["read_mass"]).shape == (3, 5)
+    np.testing.assert_allclose(np.array(mesh["read_mass"]).sum(-1), 1.0, rtol=1e-5)
+    assert all(0 <= e <= np.log(5) + 1e-6 for e in mesh["read_entropy"] + mesh["write_entropy"])
+    # The first block's relative update equals the definition on the states computed by hand.
+    x = recursive.embed_inputs(params, jnp.asarray(batches[0][:, :-1]), cfg)
+    z = lm.layer_function(cfg)(
+        jax.tree.map(lambda a: a[0], params["blocks"]), x, cfg.attention_spec()
+    )
+    fro = lambda a: np.sqrt((np.asarray(a) ** 2).sum((-2, -1)))  # noqa: E731
+    rel0 = 2 * fro(z - x) / (fro(z) + fro(x))
+    x1 = recursive.embed_inputs(params, jnp.asarray(batches[1][:, :-1]), cfg)
+    z1 = lm.layer_function(cfg)(
+        jax.tree.map(lambda a: a[0], params["blocks"]), x1, cfg.attention_spec()
+    )
+    rel1 = 2 * fro(z1 - x1) / (fro(z1) + fro(x1))
+    np.testing.assert_allclose(
+        mesh["relative_update"][0], (rel0.mean() + rel1.mean()) / 2, rtol=1e-4
+    )
+    meta = {"command": "test", "commit": "x", "machine": "m", "preset": "p", "batches": 2}
+    payload = mesh_probe.write_outputs(results, tmp_path, {**meta, "train_steps": 0, "seeds": [0]})
     assert json.loads((tmp_path / "mesh_probe.json").read_text())["variants"].keys() == {
         "recursive-base",
         "recursive-mesh",
     }
     assert (tmp_path / "mesh_probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert payload["variants"]["recursive-mesh"]["write"] == mesh["write"]
+    assert "| recursive-mesh | untrained | 0 |" in (tmp_path / "mesh_probe.md").read_text()
+    assert payload["variants"]["recursive-mesh"]["trained"]["read_mass"] == mesh["read_mass"]

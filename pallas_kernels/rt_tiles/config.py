@@ -21,8 +21,19 @@ class TpuTileConfig:
     max_resident_keys: int = 4096
     vmem_limit_bytes: int | None = None
     """Mosaic's scoped VMEM limit for these kernels (None: the compiler's default)."""
+    heads_per_step: int | None = None
+    """Query heads per grid step of the in-place Fenwick kernels (``fenwick_tpu``); None: all
+    local heads whose resident keys fit half the VMEM limit. Must divide the local head count,
+    be a multiple of the group size and equal it or be a multiple of 8 (sublane tiling)."""
 
     def __post_init__(self) -> None:
+        if self.heads_per_step is not None and (
+            not isinstance(self.heads_per_step, int) or self.heads_per_step <= 0
+        ):
+            raise ValueError(
+                f"TpuTileConfig.heads_per_step={self.heads_per_step!r} must be a positive int "
+                "or None"
+            )
         if self.vmem_limit_bytes is not None and (
             not isinstance(self.vmem_limit_bytes, int) or self.vmem_limit_bytes <= 0
         ):

@@ -73,6 +73,7 @@ def init_standard_params(config: ModelConfig, key: jax.Array) -> PyTree:
 
     sigma = 1/sqrt(D) for the embedding, w_q, w_kv, w_ff_in and the head; 1/sqrt(2 D (l+1)) for
     w_o and 1/sqrt(2 F (l+1)) for w_ff_out (l = 0-based layer); norm weights 1; cutoff +-3 sigma.
+    NeoX blocks: biases (``b_*``, ``*_norm_bias``, ``ln_f_bias``) 0.
     """
     d, f, n_layers = config.d_model, config.mlp_hidden, config.n_layers
     shapes = param_shapes(d, f, config.attention_spec())
@@ -86,6 +87,8 @@ def init_standard_params(config: ModelConfig, key: jax.Array) -> PyTree:
         for name, shape in shapes.items():
             if name.endswith("norm"):
                 out[name] = jnp.ones(shape, jnp.float32)
+            elif name.startswith("b_") or name.endswith("_bias"):
+                out[name] = jnp.zeros(shape, jnp.float32)
             elif name == "w_o":
                 out[name] = _truncated_normal(keys[name], shape, 1.0) / jnp.sqrt(2.0 * d * l1)
             elif name == "w_ff_out":
@@ -94,12 +97,15 @@ def init_standard_params(config: ModelConfig, key: jax.Array) -> PyTree:
                 out[name] = _truncated_normal(keys[name], shape, d**-0.5)
         return out
 
-    return {
+    params = {
         "embed": _truncated_normal(k_embed, (config.embedding_size, d), d**-0.5),
         "blocks": jax.vmap(one_layer)(layer_keys, depth),
         "ln_f": jnp.ones((d,), jnp.float32),
         "head": _truncated_normal(k_head, (d, config.embedding_size), d**-0.5),
     }
+    if config.block_style == "neox":
+        params["ln_f_bias"] = jnp.zeros((d,), jnp.float32)
+    return params
 
 
 def check_tokens(tokens: Any, vocab_size: int) -> None:
@@ -148,7 +154,7 @@ def run_blocks(params: PyTree, x_BxNxD: jax.Array, config: ModelConfig) -> jax.A
 
 def head(params: PyTree, x_BxNxD: jax.Array, config: ModelConfig) -> jax.Array:
     """Final LayerNorm and the untied LM head; float32 logits over embedding_size rows."""
-    h = layer_norm(x_BxNxD, params["ln_f"], config.norm_eps)
+    h = layer_norm(x_BxNxD, params["ln_f"], config.norm_eps, params.get("ln_f_bias"))
     dtype = jnp.dtype(config.compute_dtype)
     acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
     logits = jnp.matmul(h.astype(dtype), params["head"].astype(dtype), preferred_element_type=acc)
@@ -171,7 +177,7 @@ def cross_entropy_sums(
 
     Logits of padding rows (index >= vocab_size) are masked to -inf, so they get no probability.
     """
-    logits = logits_BxNxE.astype(jnp.float32)
+    logits = logits_BxNxE.astype(jnp.promote_types(logits_BxNxE.dtype, jnp.float32))  # f64 stays
     if logits.shape[-1] > vocab_size:
         real = jnp.arange(logits.shape[-1]) < vocab_size
         logits = jnp.where(real, logits, -jnp.inf)

@@ -13,6 +13,9 @@ Hand-offs between core iterations (MeSH paper, Eq. 1), with h^(0) = f_pre(e), e 
     residual    h^(t+1) = f(h^(t)) + h^(t)
     anchor      h^(t+1) = f(h^(t)) + h^(0)
     anchor-emb  h^(t+1) = f(h^(t)) + e
+    combos      '+'-joined terms, e.g. anchor+anchor-emb: h^(t+1) = f(h^(t)) + h^(0) + e; with
+                loop.alpha "static" / "dynamic" each of f(h^(t)) and the terms gets a coefficient
+                (a trainable scalar per step / a per-token linear map of h^(t) per step; Table 4)
     mesh        a buffer M of S slots (S = mesh_slots or Nloop + 3): M_0 = e, M_s>0 = 0. A
                 transitional write/read router pair on h_pre = f_pre(e) gives h^(0); then per step
                 t a pair computed from the step input h^(t):
@@ -21,7 +24,10 @@ Hand-offs between core iterations (MeSH paper, Eq. 1), with h^(0) = f_pre(e), e 
                 h^(Nloop) (the last step's read) feeds the coda.
 
 Routers live under ``params["routers"]``: ``w_write``/``w_read`` (Nloop+1, D, S) and
-``b_write``/``b_read`` (Nloop+1, S); index 0 is the transitional pair. Every hand-off is
+``b_write``/``b_read`` (Nloop+1, S); index 0 is the transitional pair. Trainable hand-off
+coefficients live under ``params["alphas"]``: ``scale`` (Nloop, A) for "static", ``w`` (Nloop, D, A)
+and ``b`` (Nloop, A) for "dynamic" (A = 1 + the number of terms). ``loop.tie_core=False`` stores
+Nloop separate cores (prelude rows, core rows of iteration 0, 1, ..., coda rows). Every hand-off is
 position-wise, so decoding keeps one KV cache per unrolled layer (``config.cache_layers`` =
 compute depth) and rebuilds the buffer per token (it is never cached). Design notes, the one-hot
 emulation argument and the init choices are in ``docs/mesh.md``.
@@ -38,12 +44,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rt_jax.config import LoopLayout, ModelConfig, parse_layout, router_params
+from rt_jax.config import LoopConfig, LoopLayout, ModelConfig, router_params
 from rt_jax.models import lm
 from rt_jax.models.family import PartitionRules, register_family
 from rt_jax.models.kv_cache import KVCache, prefilled_cache, write_cache_entries
 from rt_jax.models.standard import PARTITION_RULES as STANDARD_RULES
-from rt_jax.models.standard import StandardFamily
+from rt_jax.models.standard import StandardFamily, depth_aware_outputs
+from rt_jax.models.standard import embed_inputs as _standard_embed_inputs
 from rt_jax.ops.decode import decode_layer, prefill_layer
 
 PyTree = Any
@@ -74,30 +81,30 @@ def validate(config: ModelConfig, seq_len: int | None = None) -> None:
 
 
 def extra_params(config: ModelConfig) -> int:
-    """Parameters beyond the stored blocks, norm, embedding and head: MeSH routers (else 0)."""
-    if config.loop.handoff != "mesh":
-        return 0
-    return router_params(config.d_model, layout(config).n_loop, n_slots(config))
+    """Parameters beyond the stored blocks, norm, embedding and head: MeSH routers, or the
+    trainable hand-off coefficients (else 0)."""
+    if config.loop.handoff == "mesh":
+        return router_params(config.d_model, layout(config).n_loop, n_slots(config))
+    return config.loop.alpha_params(config)
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
     """Random parameters: the standard init with depth-aware output projections, plus routers.
 
     w_o and w_ff_out of every stored layer get std 1/sqrt(2 * fan_in * compute_depth) (the
-    paper's 1/sqrt(2 N_compute) rule on our 1/sqrt(fan_in) base) instead of the standard
-    per-layer 1/sqrt(2 fan_in (l+1)). MeSH routers: truncated normal, std sqrt(2/(S*D)), zero bias.
+    paper's 1/sqrt(2 N_compute) rule on our 1/sqrt(fan_in) base; ``output_init="auto"`` or
+    ``"depth"``) instead of the standard per-layer 1/sqrt(2 fan_in (l+1)) (``"layer"``). MeSH
+    routers: truncated normal, std sqrt(2/(S*D)), zero bias. Alphas: static 1; dynamic w 0, b 1
+    (both start as the fixed combination).
     """
     k_std, k_write, k_read = jax.random.split(key, 3)
     params = lm.init_standard_params(config, k_std)
-    depth = compute_depth(config)
-    # The standard init drew w_o, w_ff_out with std c/sqrt(l+1); rescale them to c/sqrt(depth).
-    rescale = jnp.sqrt(jnp.arange(1, config.n_layers + 1, dtype=jnp.float32) / depth)
-    blocks = dict(params["blocks"])
-    for name in ("w_o", "w_ff_out"):
-        blocks[name] = blocks[name] * rescale[:, None, None]
-    params["blocks"] = blocks
-    if config.loop.handoff == "mesh":
-        d, s, pairs = config.d_model, n_slots(config), layout(config).n_loop + 1
+    if config.output_init != "layer":
+        params = depth_aware_outputs(params, config, compute_depth(config))
+    loop = config.loop
+    n_loop = layout(config).n_loop
+    if loop.handoff == "mesh":
+        d, s, pairs = config.d_model, n_slots(config), n_loop + 1
         std = math.sqrt(2.0 / (s * d))
 
         def draw(k: jax.Array) -> jax.Array:
@@ -109,13 +116,53 @@ def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
             "w_read": draw(k_read),
             "b_read": jnp.zeros((pairs, s), jnp.float32),
         }
+    elif loop.alpha == "static":
+        params["alphas"] = {"scale": jnp.ones((n_loop, loop.n_alphas), jnp.float32)}
+    elif loop.alpha == "dynamic":
+        params["alphas"] = {
+            "w": jnp.zeros((n_loop, config.d_model, loop.n_alphas), jnp.float32),
+            "b": jnp.ones((n_loop, loop.n_alphas), jnp.float32),
+        }
     return params
 
 
 def embed_inputs(params: PyTree, tokens: jax.Array, config: ModelConfig) -> jax.Array:
     """Token embeddings e (times sqrt(D) when ``config.embed_scale``): prelude input and M_0."""
-    x = lm.embed(params, tokens)
-    return x * math.sqrt(config.d_model) if config.embed_scale else x
+    return _standard_embed_inputs(params, tokens, config)
+
+
+def handoff_coefficients(
+    loop: LoopConfig, alphas_t: PyTree, h: jax.Array
+) -> jax.Array | tuple[float, ...]:
+    """Coefficients (A,) or (..., A) of f(h^(t)) and the hand-off's terms at one loop step:
+    all 1 ("fixed"), the step's scalars ("static"), or h^(t) W_t + b_t per token ("dynamic")."""
+    if loop.alpha == "fixed":
+        return (1.0,) * loop.n_alphas
+    if loop.alpha == "static":
+        return alphas_t["scale"]
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    w, b = alphas_t["w"].astype(acc), alphas_t["b"].astype(acc)
+    return jnp.einsum("...d,da->...a", h.astype(acc), w) + b
+
+
+def combine(
+    loop: LoopConfig, coeffs: Any, out: jax.Array, terms: dict[str, jax.Array]
+) -> jax.Array:
+    """h^(t+1) = c_0 f(h^(t)) + sum_i c_i term_i over the hand-off's terms (Eq. 1, Table 4)."""
+    if loop.alpha == "fixed":  # exact sums, no multiplications by 1
+        h_next = out
+        for name in loop.terms:
+            h_next = h_next + terms[name]
+        return h_next
+
+    def weight(i: int, x: jax.Array) -> jax.Array:
+        c = coeffs[..., i]
+        return (c[..., None] if c.ndim else c).astype(x.dtype) * x
+
+    h_next = weight(0, out)
+    for i, name in enumerate(loop.terms, start=1):
+        h_next = h_next + weight(i, terms[name])
+    return h_next
 
 
 def route(routers: PyTree, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -175,7 +222,12 @@ def recursive_hidden(
     lay = layout(config)
     p, c, n_loop = lay.prelude, lay.core, lay.n_loop
     blocks = params["blocks"]
-    core_blocks = _take(blocks, p, p + c)
+    core_blocks = _take(blocks, p, p + c)  # tied: the one core every step runs
+    step_blocks = None  # untied: (Nloop, Lcore, ...) per-step cores, scanned over
+    if not lay.tied:
+        step_blocks = jax.tree.map(
+            lambda a: a[p : p + n_loop * c].reshape(n_loop, c, *a.shape[1:]), blocks
+        )
     ys: list[PyTree] = []
     h = x_emb
     if p:
@@ -191,30 +243,30 @@ def recursive_hidden(
         step_routers = _take(routers, 1, n_loop + 1)
     h0 = h
     xs_core = jax.tree.map(lambda a: a[p : p + n_loop * c].reshape(n_loop, c, *a.shape[1:]), xs)
+    loop = config.loop
+    alphas = params.get("alphas")
 
     def step(carry: tuple, inputs: tuple) -> tuple[tuple, tuple]:
         h, buffer = carry
-        routers_t, xs_t = inputs
-        out, y = run_segment(h, core_blocks, xs_t)
+        routers_t, alphas_t, blocks_t, xs_t = inputs
+        out, y = run_segment(h, core_blocks if blocks_t is None else blocks_t, xs_t)
         w_w = w_r = None
         if mesh:
             w_w, w_r = route(routers_t, h)  # from the step input h^(t)
             buffer, h_next = write_read(buffer, out, w_w, w_r)
-        elif config.loop.handoff == "base":
-            h_next = out
-        elif config.loop.handoff == "residual":
-            h_next = out + h
-        elif config.loop.handoff == "anchor":
-            h_next = out + h0
-        else:  # anchor-emb
-            h_next = out + x_emb
+        else:
+            coeffs = handoff_coefficients(loop, alphas_t, h)  # dynamic: from h^(t)
+            terms = {"residual": h, "anchor": h0, "anchor-emb": x_emb}
+            h_next = combine(loop, coeffs, out, terms)
         seen = (h_next, out, w_w, w_r) if trace else None
         return (h_next, buffer), (y, seen)
 
-    (h, _), (y_core, seen) = jax.lax.scan(step, (h, buffer), (step_routers, xs_core), length=n_loop)
+    (h, _), (y_core, seen) = jax.lax.scan(
+        step, (h, buffer), (step_routers, alphas, step_blocks, xs_core), length=n_loop
+    )
     ys.append(jax.tree.map(lambda a: a.reshape(n_loop * c, *a.shape[2:]), y_core))
     if lay.coda:
-        coda_blocks = _take(blocks, p + c, lay.distinct_layers)
+        coda_blocks = _take(blocks, p + lay.core_stored, lay.distinct_layers)
         h, y = run_segment(h, coda_blocks, _take(xs, lay.depth - lay.coda, lay.depth))
         ys.append(y)
     outputs = None
@@ -326,11 +378,15 @@ def decode_step(
 
 
 def extra_forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Router matmul FLOPs per token (2 * D * S per router, 2 routers per pair); 0 without MeSH."""
+    """Router matmul FLOPs per token (2 * D * S per router, 2 routers per pair), or the dynamic
+    alphas' 2 * D * A per loop step; 0 otherwise."""
     del seq_len
-    if config.loop.handoff != "mesh":
-        return 0.0
-    return float(2 * 2 * (layout(config).n_loop + 1) * config.d_model * n_slots(config))
+    n_loop = layout(config).n_loop
+    if config.loop.handoff == "mesh":
+        return float(2 * 2 * (n_loop + 1) * config.d_model * n_slots(config))
+    if config.loop.alpha == "dynamic":
+        return float(2 * n_loop * config.d_model * config.loop.n_alphas)
+    return 0.0
 
 
 PARTITION_RULES: PartitionRules = (
@@ -338,8 +394,11 @@ PARTITION_RULES: PartitionRules = (
     # so replicated.
     (r"^routers/w_(write|read)$", ("layers", None, None)),
     (r"^routers/b_(write|read)$", ("layers", None)),
+    # Trainable hand-off coefficients (static: Nloop x A; dynamic: Nloop x D x A, Nloop x A).
+    (r"^alphas/(scale|b)$", ("layers", None)),
+    (r"^alphas/w$", ("layers", None, None)),
 )
-"""Logical axes of the MeSH routers."""
+"""Logical axes of the MeSH routers and the hand-off coefficients."""
 
 
 class RecursiveFamily(StandardFamily):
@@ -363,56 +422,76 @@ FAMILY = register_family(RecursiveFamily())
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter counts in the paper's own parameterisation (GPT-NeoX / Pythia).
+# The MeSH paper's models: Pythia (GPT-NeoX) shapes built by this library.
+
+PYTHIA_SHAPES = {
+    "160m": (12, 768, 12),
+    "410m": (24, 1024, 16),
+    "1b": (16, 2048, 8),
+    "1.4b": (24, 2048, 16),
+}
+"""Pythia's (layers, d_model, heads) per size (Biderman et al. 2023); MLP 4D, vocab 50,257 padded
+to 50,304 rows, rotary on 25% of each head, untied embedding and head."""
+
+PYTHIA_VOCAB, PYTHIA_EMBEDDING_ROWS = 50_257, 50_304
 
 
-def pythia_layer_params(d_model: int) -> int:
-    """One GPT-NeoX layer with a 4D MLP: biased QKV, output, MLP in/out, two LayerNorms with bias."""
-    d = d_model
-    return (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + 2 * (2 * d)
-
-
-def pythia_param_counts(
-    d_model: int,
-    vocab: int,
-    vanilla_depth: int,
+def pythia_config(
+    size: str,
     layout: str = "",
-    mesh: bool = False,
+    handoff: str = "base",
+    *,
     mesh_slots: int | None = None,
-) -> dict[str, int]:
-    """{"total", "non_embedding", "router", "layers"} of a Pythia model, vanilla or recursive.
-
-    ``layout`` "" = the vanilla model of ``vanilla_depth`` layers; otherwise a loop layout whose
-    compute depth must equal ``vanilla_depth``. ``mesh`` adds routers with ``mesh_slots`` (None =
-    Nloop + 3) slots. Embedding and head are untied, ``vocab`` rows each; one final LayerNorm.
-    """
-    for name, value in (("d_model", d_model), ("vocab", vocab), ("vanilla_depth", vanilla_depth)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    router = 0
+    tie_core: bool = True,
+    **changes: Any,
+) -> ModelConfig:
+    """The NeoX-block ``ModelConfig`` of a Pythia ``size`` ("160m", "410m", "1b", "1.4b"): the
+    vanilla model (``layout=""``) or a recursive layout of the same compute depth, with the paper's
+    embedding scale; ``changes`` override other fields (e.g. ``compute_dtype="bfloat16"``)."""
+    if size not in PYTHIA_SHAPES:
+        raise ValueError(f"size={size!r}: expected one of {tuple(PYTHIA_SHAPES)}")
+    depth, d, heads = PYTHIA_SHAPES[size]
+    loop = LoopConfig()
+    n_layers = depth
     if layout:
-        lay = parse_layout(layout)
-        if lay.depth != vanilla_depth:
+        loop = LoopConfig(layout, handoff, mesh_slots, tie_core=tie_core)
+        lay = loop.parsed()
+        if lay.depth != depth:
             raise ValueError(
-                f"layout {layout!r} has compute depth {lay.depth}, not the vanilla depth "
-                f"{vanilla_depth}: pick a layout with Lpre + Nloop*Lcore + Lcoda = {vanilla_depth}"
+                f"layout={layout!r} has compute depth {lay.depth}, not Pythia-{size}'s {depth}: "
+                f"pick a layout with Lpre + Nloop*Lcore + Lcoda = {depth}"
             )
-        layers = lay.distinct_layers
-        if mesh:
-            slots = lay.n_loop + 3 if mesh_slots is None else mesh_slots
-            if isinstance(slots, bool) or not isinstance(slots, int) or slots < 2:
-                raise ValueError(f"mesh_slots must be an int >= 2 or None, got {mesh_slots!r}")
-            router = router_params(d_model, lay.n_loop, slots)
-        elif mesh_slots is not None:
-            raise ValueError("mesh_slots needs mesh=True")
-    else:
-        if mesh or mesh_slots is not None:
-            raise ValueError("mesh=True needs a loop layout (MeSH routes between core iterations)")
-        layers = vanilla_depth
-    non_embedding = layers * pythia_layer_params(d_model) + 2 * d_model + router
+        n_layers = lay.distinct_layers
+    fields: dict[str, Any] = dict(
+        vocab_size=PYTHIA_VOCAB,
+        embedding_size=PYTHIA_EMBEDDING_ROWS,
+        d_model=d,
+        n_heads=heads,
+        n_layers=n_layers,
+        mlp_hidden=4 * d,
+        block_type="transformer",
+        block_style="neox",
+        position="rope",
+        rotary_pct=0.25,
+        embed_scale=True,
+        loop=loop,
+    )
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+def model_param_counts(config: ModelConfig) -> dict[str, int]:
+    """{"total", "non_embedding", "router"} counted from the leaves of ``init_params`` (traced
+    with ``jax.eval_shape``: nothing is allocated, so the paper's 1.4B counts in milliseconds)."""
+    shapes = jax.eval_shape(lambda k: lm.init_params(config, k), jax.random.key(0))
+    sizes = {
+        "/".join(str(getattr(k, "key", k)) for k in path): math.prod(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+    }
+    total = sum(sizes.values())
+    router = sum(v for k, v in sizes.items() if k.startswith("routers/"))
     return {
-        "total": non_embedding + 2 * vocab * d_model,
-        "non_embedding": non_embedding,
+        "total": total,
+        "non_embedding": total - sizes["embed"] - sizes["head"],
         "router": router,
-        "layers": layers,
     }

@@ -8,6 +8,7 @@ FLOPs, no carried decoding state) are the interface's defaults.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -39,13 +40,46 @@ PARTITION_RULES: PartitionRules = (
     (r"^blocks/w_ff_in$", ("layers", "embed", "mlp")),
     (r"^blocks/w_ff_out$", ("layers", "mlp", "embed")),
     (r"^blocks/\w+_norm$", ("layers", "norm")),
+    # NeoX blocks: biases of the projections and LayerNorms, and the final LayerNorm's bias.
+    (r"^ln_f_bias$", ("norm",)),
+    (r"^blocks/\w+_norm_bias$", ("layers", "norm")),
+    (r"^blocks/b_(q|kv)$", ("layers", "heads")),
+    (r"^blocks/b_(o|ff_out)$", ("layers", "embed")),
+    (r"^blocks/b_ff_in$", ("layers", "mlp")),
 )
 """Logical axes of the standard parameters; blocks are stacked on a leading "layers" axis."""
 
 
+def embed_inputs(params: PyTree, tokens: jax.Array, config: ModelConfig) -> jax.Array:
+    """Token embeddings, times sqrt(D) when ``config.embed_scale`` (the MeSH paper's setting)."""
+    x = embed(params, tokens)
+    return x * math.sqrt(config.d_model) if config.embed_scale else x
+
+
+def depth_aware_outputs(params: PyTree, config: ModelConfig, depth: int) -> PyTree:
+    """``params`` (the standard init) with w_o and w_ff_out of every stored layer rescaled from the
+    per-layer std c/sqrt(l+1) to c/sqrt(depth): 1/sqrt(2 fan_in depth), the paper's depth-aware
+    1/sqrt(2 N_compute) on our 1/sqrt(fan_in) base."""
+    rescale = jnp.sqrt(jnp.arange(1, config.n_layers + 1, dtype=jnp.float32) / depth)
+    blocks = dict(params["blocks"])
+    for name in ("w_o", "w_ff_out"):
+        blocks[name] = blocks[name] * rescale[:, None, None]
+    return {**params, "blocks": blocks}
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> PyTree:
+    """The "mitchell" init (``lm.init_standard_params``); ``output_init="depth"`` rescales the
+    output projections to the depth-aware std with depth = n_layers."""
+    params = init_standard_params(config, key)
+    if config.output_init == "depth":
+        params = depth_aware_outputs(params, config, config.n_layers)
+    return params
+
+
 def forward(params: PyTree, tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
     """Logits (B, N, embedding_size), float32: embed -> blocks -> final norm and head."""
-    return head(params, run_blocks(params, embed(params, tokens_BxN), config), config)
+    x = embed_inputs(params, tokens_BxN, config)
+    return head(params, run_blocks(params, x, config), config)
 
 
 def prefill(
@@ -65,7 +99,7 @@ def prefill(
         z, k, v = prefill_layer(layer_params, x, fn, spec, recurrent=recurrent)
         return z, (k, v)
 
-    x_BxPxD, (k, v) = jax.lax.scan(body, embed(params, tokens_BxP), params["blocks"])
+    x_BxPxD, (k, v) = jax.lax.scan(body, embed_inputs(params, tokens_BxP, config), params["blocks"])
     b = tokens_BxP.shape[0]
     last_BxD = x_BxPxD[jnp.arange(b), lengths_B - 1]
     logits = head(params, last_BxD, config)
@@ -86,7 +120,7 @@ def decode_step(
         return z, (k_new, v_new)
 
     x_BxD, (k_new, v_new) = jax.lax.scan(
-        body, embed(params, tokens_B), (params["blocks"], cache.k, cache.v)
+        body, embed_inputs(params, tokens_B, config), (params["blocks"], cache.k, cache.v)
     )
     logits = head(params, x_BxD, config)
     return logits, KVCache(
@@ -108,8 +142,8 @@ class StandardFamily:
         layer_function(config)
 
     def init_params(self, config: ModelConfig, key: jax.Array) -> PyTree:
-        """The "mitchell" truncated-normal init (``lm.init_standard_params``)."""
-        return init_standard_params(config, key)
+        """The "mitchell" truncated-normal init (``init_params``)."""
+        return init_params(config, key)
 
     def forward(self, params: PyTree, tokens_BxN: jax.Array, config: ModelConfig) -> jax.Array:
         """Exact logits (B, N, embedding_size)."""

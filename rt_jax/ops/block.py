@@ -1,12 +1,23 @@
 """Per-position pieces of a Transformer / Recurrent Transformer layer, as pure functions.
 
-Both block types share one parameterisation (the reference code's OLMo block, pre-norm):
+Two block styles (``AttentionSpec.block_style``). ``"olmo"`` (the default; the reference code's
+OLMo block, pre-norm, sequential residual, shared by both block types):
 
     h      = LN_attn(x)
     q      = LN_q(h @ w_q)                       # QK-norm over the full q vector, then head split
     k, v   = split(h @ w_kv);  k = LN_k(k)       # V is not normalised
     x'     = x + att @ w_o
     z      = x' + GELU(LN_ff(x') @ w_ff_in) @ w_ff_out
+
+``"neox"`` (GPT-NeoX / Pythia, the MeSH paper's backbone): parallel residual, biases on every
+projection, LayerNorms with a bias, no QK-norm:
+
+    q      = LN_attn(x) @ w_q + b_q;   k, v = split(LN_attn(x) @ w_kv + b_kv)
+    z      = x + (att @ w_o + b_o) + GELU(LN_ff(x) @ w_ff_in + b_ff_in) @ w_ff_out + b_ff_out
+
+With ``position="rope"`` the rotary embedding turns the first ``rotary_dims`` =
+int(head_dim * rotary_pct) dimensions of every head (rotate-half within them; Pythia: 0.25) and
+passes the rest through, in either style.
 
 A Transformer layer attends with (q_t, k_s, v_s) for s <= t, all from the layer input. A Recurrent
 Transformer layer uses a *temporary* pair (k_t, v_t) from x_t for s = t, and *persistent* pairs from
@@ -30,6 +41,7 @@ Params = Mapping[str, jax.Array]
 """One layer's parameters: the keys of ``PARAM_SHAPES``."""
 
 POSITION_KINDS = ("alibi", "rope", "none")
+BLOCK_STYLES = ("olmo", "neox")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTENTIONS = ("xla", "flash")
 
@@ -48,6 +60,8 @@ class AttentionSpec:
     compute_dtype: str = "float32"
     attention: str = "xla"  # causal attention: "xla" (einsums) or "flash" (fused kernel)
     interpret: bool = False  # attention="flash": run the TPU kernel in Pallas interpret mode
+    block_style: str = "olmo"  # "olmo" (pre-norm, QK-norm) or "neox" (parallel residual, biases)
+    rotary_pct: float = 1.0  # position="rope": fraction of each head's dims that rotate
 
     def __post_init__(self) -> None:
         if self.n_heads <= 0 or self.n_kv_heads <= 0 or self.head_dim <= 0:
@@ -59,12 +73,31 @@ class AttentionSpec:
             )
         if self.position not in POSITION_KINDS:
             raise ValueError(f"position={self.position!r}: expected one of {POSITION_KINDS}")
+        if self.block_style not in BLOCK_STYLES:
+            raise ValueError(f"block_style={self.block_style!r}: expected one of {BLOCK_STYLES}")
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise ValueError(f"rotary_pct={self.rotary_pct!r}: expected a fraction in (0, 1]")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.position == "rope" and (self.rotary_dims < 2 or self.rotary_dims % 2):
+            raise ValueError(
+                f"RoPE needs an even number >= 2 of rotary dims; int(head_dim={self.head_dim} * "
+                f"rotary_pct={self.rotary_pct}) = {self.rotary_dims}: change rotary_pct or the heads"
+            )
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: expected one of {DTYPES}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTIONS}")
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each head the rotary embedding turns: int(head_dim * rotary_pct)."""
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def neox(self) -> bool:
+        """Whether this is the GPT-NeoX block (parallel residual, biases, no QK-norm)."""
+        return self.block_style == "neox"
 
     @property
     def group_size(self) -> int:
@@ -78,9 +111,26 @@ class AttentionSpec:
 
 
 def param_shapes(d_model: int, mlp_hidden: int, spec: AttentionSpec) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's parameters (identical for both block types)."""
+    """Shapes of one layer's parameters (identical for both block types; by block style)."""
     q_dim = spec.n_heads * spec.head_dim
     kv_dim = spec.n_kv_heads * spec.head_dim
+    if spec.neox:
+        return {
+            "attn_norm": (d_model,),
+            "attn_norm_bias": (d_model,),
+            "w_q": (d_model, q_dim),
+            "b_q": (q_dim,),
+            "w_kv": (d_model, 2 * kv_dim),
+            "b_kv": (2 * kv_dim,),
+            "w_o": (q_dim, d_model),
+            "b_o": (d_model,),
+            "ff_norm": (d_model,),
+            "ff_norm_bias": (d_model,),
+            "w_ff_in": (d_model, mlp_hidden),
+            "b_ff_in": (mlp_hidden,),
+            "w_ff_out": (mlp_hidden, d_model),
+            "b_ff_out": (d_model,),
+        }
     return {
         "attn_norm": (d_model,),
         "w_q": (d_model, q_dim),
@@ -94,13 +144,28 @@ def param_shapes(d_model: int, mlp_hidden: int, spec: AttentionSpec) -> dict[str
     }
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm with a learnable weight and no bias, in float32 (float64 stays float64)."""
+def layer_norm(
+    x: jax.Array, weight: jax.Array, eps: float, bias: jax.Array | None = None
+) -> jax.Array:
+    """LayerNorm with a learnable weight (and optional bias), in float32 (float64 stays float64)."""
     acc = jnp.promote_types(x.dtype, jnp.float32)
     x = x.astype(acc)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(acc)
+    out = (x - mean) * jax.lax.rsqrt(var + eps) * weight.astype(acc)
+    return out if bias is None else out + bias.astype(acc)
+
+
+def _norm(params: Params, name: str, x: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """The block's LayerNorm ``name`` (with its ``name_bias`` in the NeoX style)."""
+    bias = params[f"{name}_bias"] if spec.neox else None
+    return layer_norm(x, params[name], spec.norm_eps, bias)
+
+
+def _linear(params: Params, x: jax.Array, name: str, spec: AttentionSpec) -> jax.Array:
+    """x @ w_name (+ b_name in the NeoX style), float32 accumulation."""
+    out = _matmul(x, params[f"w_{name}"], spec.dtype)
+    return out + params[f"b_{name}"].astype(out.dtype) if spec.neox else out
 
 
 def _matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -123,17 +188,21 @@ def attention_bias(q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec) -> j
     return -alibi_slopes(spec.n_heads, spec.alibi_bias_max)[:, None, None] * dist[None]
 
 
-def apply_rope(x_BxNxHxK: jax.Array, pos_N: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (rotate-half convention) of each vector by its own position."""
-    half = x_BxNxHxK.shape[-1] // 2
+def apply_rope(
+    x_BxNxHxK: jax.Array, pos_N: jax.Array, theta: float, rotary_dims: int | None = None
+) -> jax.Array:
+    """Rotary embedding (rotate-half convention) of each vector by its own position, on the first
+    ``rotary_dims`` dimensions of each head (None = all); the rest pass through."""
+    r = x_BxNxHxK.shape[-1] if rotary_dims is None else rotary_dims
+    half = r // 2
     acc = jnp.promote_types(x_BxNxHxK.dtype, jnp.float32)  # float32, or float64 for float64 input
     freq = theta ** (-jnp.arange(half, dtype=acc) / half)
-    angle = pos_N.astype(acc)[:, None] * freq[None, :]  # N x K/2
+    angle = pos_N.astype(acc)[:, None] * freq[None, :]  # N x r/2
     cos = jnp.cos(angle)[None, :, None, :]
     sin = jnp.sin(angle)[None, :, None, :]
     x = x_BxNxHxK.astype(acc)
-    x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2, rest = x[..., :half], x[..., half:r], x[..., r:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x_BxNxHxK.dtype)
 
 
@@ -151,15 +220,16 @@ def kv_projection(
     (y = z): the same attn_norm, w_kv and k_norm in every case.
     """
     dtype = spec.dtype
-    h = layer_norm(y_BxNxD, params["attn_norm"], spec.norm_eps)
-    kv = _matmul(h, params["w_kv"], dtype)
+    kv = _linear(params, _norm(params, "attn_norm", y_BxNxD, spec), "kv", spec)
     kv_dim = spec.n_kv_heads * spec.head_dim
-    k = layer_norm(kv[..., :kv_dim], params["k_norm"], spec.norm_eps).astype(dtype)
+    k = kv[..., :kv_dim]
+    if not spec.neox:
+        k = layer_norm(k, params["k_norm"], spec.norm_eps)
     v = kv[..., kv_dim:].astype(dtype)
-    k = _split_heads(k, spec.n_kv_heads)
+    k = _split_heads(k.astype(dtype), spec.n_kv_heads)
     v = _split_heads(v, spec.n_kv_heads)
     if spec.position == "rope":
-        k = apply_rope(k, pos_N, spec.rope_theta)
+        k = apply_rope(k, pos_N, spec.rope_theta, spec.rotary_dims)
     return k, v
 
 
@@ -168,11 +238,12 @@ def query_projection(
 ) -> jax.Array:
     """Queries BxNxHxK, already multiplied by 1/sqrt(head_dim)."""
     dtype = spec.dtype
-    h = layer_norm(x_BxNxD, params["attn_norm"], spec.norm_eps)
-    q = layer_norm(_matmul(h, params["w_q"], dtype), params["q_norm"], spec.norm_eps)
+    q = _linear(params, _norm(params, "attn_norm", x_BxNxD, spec), "q", spec)
+    if not spec.neox:
+        q = layer_norm(q, params["q_norm"], spec.norm_eps)
     q = _split_heads(q, spec.n_heads)
     if spec.position == "rope":
-        q = apply_rope(q, pos_N, spec.rope_theta)
+        q = apply_rope(q, pos_N, spec.rope_theta, spec.rotary_dims)
     return (q * (1.0 / math.sqrt(spec.head_dim))).astype(dtype)
 
 
@@ -188,15 +259,16 @@ def pre_attention(
 def post_attention(
     params: Params, x_BxNxD: jax.Array, att_BxNxHxK: jax.Array, spec: AttentionSpec
 ) -> jax.Array:
-    """Layer output z = x' + MLP(LN_ff(x')) with x' = x + att @ w_o; float32 like the residual."""
-    dtype = spec.dtype
+    """Layer output; float32 like the residual. OLMo: z = x' + MLP(LN_ff(x')) with
+    x' = x + att @ w_o. NeoX (parallel): z = x + (att @ w_o + b_o) + MLP(LN_ff(x))."""
     b, t, h, k = att_BxNxHxK.shape
-    x1 = x_BxNxD + _matmul(att_BxNxHxK.reshape(b, t, h * k), params["w_o"], dtype).astype(
-        x_BxNxD.dtype
+    attn_out = _linear(params, att_BxNxHxK.reshape(b, t, h * k), "o", spec).astype(x_BxNxD.dtype)
+    x1 = x_BxNxD + attn_out
+    hidden = _linear(
+        params, _norm(params, "ff_norm", x_BxNxD if spec.neox else x1, spec), "ff_in", spec
     )
-    hidden = _matmul(layer_norm(x1, params["ff_norm"], spec.norm_eps), params["w_ff_in"], dtype)
     hidden = jax.nn.gelu(hidden, approximate=False)
-    return x1 + _matmul(hidden, params["w_ff_out"], dtype).astype(x_BxNxD.dtype)
+    return x1 + _linear(params, hidden, "ff_out", spec).astype(x_BxNxD.dtype)
 
 
 def group_queries(q_BxNxHxK: jax.Array, spec: AttentionSpec) -> jax.Array:

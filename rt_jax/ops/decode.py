@@ -106,15 +106,18 @@ def decode_layer(
     spec: AttentionSpec,
     *,
     recurrent: bool,
+    qkv: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] = pre_attention,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One new position per sequence through one layer: (z_BxD, k_new_BxGxK, v_new_BxGxK).
 
     ``pos_B`` is each sequence's position t (also the number of valid cache entries). The caller
-    writes the returned pair at index t of the cache.
+    writes the returned pair at index t of the cache. ``qkv(params, x_1xBxD, pos_B, spec)`` makes
+    the queries and the self pair (default ``pre_attention``; LRT passes its memory-mixed one, so
+    both families decode through this one function).
     """
     # The batch plays the role of the position axis here, so each row gets its own position.
     x_1xBxD = x_BxD[None]
-    q, k_self, v_self = pre_attention(params, x_1xBxD, pos_B, spec)  # 1xBxHxK, 1xBxGxK
+    q, k_self, v_self = qkv(params, x_1xBxD, pos_B, spec)  # 1xBxHxK, 1xBxGxK
     att_BxHxK = cached_attention(
         q[0], k_cache_BxGxSxK, v_cache_BxGxSxK, k_self[0], v_self[0], pos_B, spec
     )

@@ -6,7 +6,11 @@ resident and the layer's kernel traffic is Theta(N log N) instead of Theta(N^2 /
 the scan's leaf-major ones (n x B x X x L (x K)); block m (T = lowbit(m)) joins key leaves
 [m - T, m) with query leaves [m, min(m + T, n)), viewed as B x X x (T L) (x K) windows.
 
-Exactly the schedule's tiles are computed: the window sizes are static per branch of a
+When the tile ops carry in-place block kernels (``TileOps.fenwick_merge``/``fenwick_grads``, the
+Mosaic TPU kernels of ``pallas_kernels.rt_tiles.fenwick_tpu``) the block is handed to them as it
+lies: one call per leaf step with m as a scalar operand, state/gradients aliased, no window and no
+``lax.switch``. Otherwise (the jnp reference and the Triton kernels) windows are cut per block:
+exactly the schedule's tiles are computed: the window sizes are static per branch of a
 ``lax.switch``, one branch per (T, query leaves) pair that occurs for this n (a level's full block
 and, at most once per level, its tail truncated at the last leaf, at its true size); m = 0 and
 m >= n (nothing left to merge into) take the empty branch. ``block_shapes(n)`` lists the calls.
@@ -36,6 +40,13 @@ def _unwindow(w_BxXxM_: jax.Array, size: int) -> jax.Array:
     b, x, m = w_BxXxM_.shape[:3]
     w = w_BxXxM_.reshape((b, x, size, m // size) + w_BxXxM_.shape[3:])
     return jnp.moveaxis(w, 2, 0)
+
+
+def in_place(tile_ops: TileOps, q_l: jax.Array) -> bool:
+    """Whether the tile ops' in-place block kernels take these leaf-major buffers (their
+    ``supports(q_l)``, when they have one: the Mosaic kernels need leaves of whole sublane tiles)."""
+    fn = tile_ops.fenwick_merge
+    return fn is not None and getattr(fn, "supports", lambda _: True)(q_l)
 
 
 def block_shape(m: int, n: int) -> tuple[int, int] | None:
@@ -81,6 +92,8 @@ def fenwick_block_merge(
     m: jax.Array,
 ) -> SoftmaxState:
     """Merge key leaves [m - T, m) into query leaves [m, min(m + T, n)) in one call (T = lowbit(m))."""
+    if in_place(tile_ops, q_l):
+        return SoftmaxState(*tile_ops.fenwick_merge(q_l, k_l, v_l, tuple(state), m, spec))
     n = q_l.shape[0]
     shapes, _ = block_shapes(n)
 
@@ -120,6 +133,8 @@ def fenwick_block_grads(
     m: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mirrored block m: (dq, dK, dV) of query leaves [m, m + T) x key leaves [m - T, m), one call."""
+    if in_place(tile_ops, tensors[0]):
+        return tuple(tile_ops.fenwick_grads(tuple(tensors), tuple(grads), m, spec))
     q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
     n = q_l.shape[0]
     shapes, _ = block_shapes(n)

@@ -18,8 +18,9 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.rt_tiles.api import tile_kernels
-from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig
+from pallas_kernels.rt_tiles import fenwick_tpu
+from pallas_kernels.rt_tiles.api import target_device, tile_kernels
+from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig, tpu_config_for
 from pallas_kernels.rt_tiles.contract import TileSpec
 from rt_jax.ops.tiles import SoftmaxState, TileOps
 
@@ -100,6 +101,64 @@ class ShardedKernel:
         return SoftmaxState(*out) if self.kind == "merge" else out
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedFenwick:
+    """An in-place Fenwick-block kernel ("merge" or "grads", ``rt_tiles.fenwick_tpu``) on the
+    scan's leaf-major buffers (leaf axis first, then batch, then heads), under ``shard_map``."""
+
+    kind: str
+    interpret: bool
+    config: TpuTileConfig | None
+
+    def supports(self, q_l: jax.Array) -> bool:
+        """Leaves of whole sublane tiles (``fenwick_tpu.supported``); else the window calls."""
+        return fenwick_tpu.supported(q_l.shape[3], q_l.dtype)
+
+    def __call__(self, *args):
+        """``(q_l, k_l, v_l, state, m, spec)`` (merge) or ``(tensors, grads, m, spec)`` (grads)."""
+        *arrays, m, spec = args
+        tile_spec = TileSpec.of(spec)
+        _, kind = target_device()
+        config = tpu_config_for(kind) if self.config is None else self.config
+        fn = fenwick_tpu.fenwick_merge if self.kind == "merge" else fenwick_tpu.fenwick_grads
+        if self.kind == "merge":
+            q_l, k_l, v_l, state = arrays
+            flat = (q_l, k_l, v_l, *state)
+        else:
+            tensors, grads = arrays
+            flat = (*tensors, *grads)
+            q_l, k_l = tensors[0], tensors[1]
+
+        def call(m, *flat, head_offset=0):
+            if self.kind == "merge":
+                q, k, v, *st = flat
+                out = fn(q, k, v, tuple(st), m, tile_spec, config=config,
+                         interpret=self.interpret, head_offset=head_offset)  # fmt: skip
+            else:
+                out = fn(tuple(flat[:6]), tuple(flat[6:]), m, tile_spec, config=config,
+                         interpret=self.interpret, head_offset=head_offset)  # fmt: skip
+            return tuple(out)
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or not _has_free_axis(mesh):
+            return call(m, *flat)
+        batch_axes, head = tile_partition(mesh, q_l.shape[1], q_l.shape[2], k_l.shape[2])
+        h_local = q_l.shape[2] // (dict(mesh.shape)[head] if head else 1)
+
+        def local(m, *flat):
+            offset = jax.lax.axis_index(head) * h_local if head else 0
+            return call(m, *flat, head_offset=offset)
+
+        lbh = P(None, batch_axes or None, head)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(),) + (lbh,) * len(flat),
+            out_specs=(lbh,) * 3,
+            check_vma=False,
+        )(m, *flat)
+
+
 def _has_free_axis(mesh) -> bool:
     """A non-manual axis of size > 1: XLA would try (and fail) to partition the kernel."""
     return any(size > 1 for axis, size in dict(mesh.shape).items() if axis not in mesh.manual_axes)
@@ -116,14 +175,19 @@ def pallas_tile_ops(
     ``backend`` is "tpu" (Mosaic) or "gpu" (Triton); None picks the target platform's own (the
     context mesh's devices, else JAX's backend), and the TPU kernels in interpret mode on CPU.
     ``config`` None picks the target chip's config. ``block_calls`` makes the tiled scan call the
-    kernels once per Fenwick block (key block resident on chip) rather than once per leaf pair.
+    kernels once per Fenwick block (key block resident on chip) rather than once per leaf pair;
+    on TPU those calls are the in-place kernels of ``rt_tiles.fenwick_tpu`` (m as a scalar
+    operand, state/gradients aliased), on GPU the Triton tile kernels on per-block windows.
     Raises ValueError when the choice cannot run on the target.
     """
     _, _, name = tile_kernels(backend, interpret=interpret, config=config)
     mode = "interpret" if interpret else "compiled"
+    in_place = name == "tpu" and block_calls
     return TileOps(
         merge=ShardedKernel("merge", backend, interpret, config),
         grads=ShardedKernel("grads", backend, interpret, config),
         name=f"pallas-{name}-{mode}",
         block_calls=block_calls,
+        fenwick_merge=ShardedFenwick("merge", interpret, config) if in_place else None,
+        fenwick_grads=ShardedFenwick("grads", interpret, config) if in_place else None,
     )

@@ -30,20 +30,24 @@ from rt_jax.ops.block import (
     layer_norm,
     pre_attention,
 )
-from rt_jax.ops.fenwick_calls import fenwick_block_grads
-from rt_jax.ops.tiled_forward import _INNER_UNROLL, _alibi_bias, _self_state
+from rt_jax.ops.fenwick_calls import fenwick_block_grads, fenwick_block_merge, in_place
+from rt_jax.ops.tiled_forward import _INNER_UNROLL, _alibi_bias, _neg_slopes_lanes, _self_state
 from rt_jax.ops.tiled_layout import (
     _acc_dtype,
     _chunk_block,
     _from_leaves_hm,
     _from_leaves_pm,
+    _heads_to_lanes,
     _hm_leaf_to_pm,
     _key_leaves,
+    _kv_to_lanes,
+    _lanes_to_kv,
     _level_halves,
     _levels,
     _lowbit,
     _pad_positions,
     _pm_leaf_to_hm,
+    _scalars_to_lanes,
     _to_leaves_hm,
     _to_leaves_pm,
     _unchunk_block,
@@ -129,6 +133,13 @@ def _causal_merge(
     chunk: (C B) x H x (t L) queries against (C B) x G x L keys). Each cross-leaf pair once.
     """
     n = q_l.shape[0]
+    if in_place(tile_ops, q_l):  # in-place block kernels: the forward's n - 1 calls
+        return jax.lax.fori_loop(
+            1,
+            n,
+            lambda m, st: fenwick_block_merge(tile_ops, spec, leaf, q_l, k_l, v_l, st, m),
+            state,
+        )
     for t in _levels(n):
         _, q_h = _level_halves(q_l, t)
         c = q_h.shape[0]
@@ -278,6 +289,38 @@ def _grad_leaf_tiles(
 
 
 def _pull_kv_grads(
+    q_LxRxKxBG: jax.Array,
+    lse_LxRxBG: jax.Array,
+    g_LxRxKxBG: jax.Array,
+    delta_LxRxBG: jax.Array,
+    k_KxBG: jax.Array,
+    v_KxBG: jax.Array,
+    p: jax.Array,
+    neg_slopes: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Within-leaf (dk_p, dv_p), K x BG, of key p pulled from the leaf's later queries t > p.
+
+    With P = exp(<q_t, k_p> + bias - lse_t): dv_p = sum_t P g_t, dk_p = sum_t P (<g_t, v_p> -
+    delta_t) q_t. Rows t <= p of the query-side buffers are never read (P = 0 there). Lane
+    layout (``tiled_layout``): elementwise products over full lanes, reduced over major axes.
+    """
+    acc_dt = delta_LxRxBG.dtype
+    leaf = q_LxRxKxBG.shape[0]
+    q = q_LxRxKxBG.astype(acc_dt)
+    g = g_LxRxKxBG.astype(acc_dt)
+    logits = jnp.sum(q * k_KxBG.astype(acc_dt), axis=2)  # L x R x BG
+    t = jnp.arange(leaf)[:, None, None]
+    if neg_slopes is not None:
+        logits = logits + neg_slopes * (t - p).astype(acc_dt)
+    prob = jnp.where(t > p, jnp.exp(logits - lse_LxRxBG), 0.0)
+    dprob = jnp.sum(g * v_KxBG.astype(acc_dt), axis=2)
+    ds = prob * (dprob - delta_LxRxBG)
+    dv = jnp.sum(prob[:, :, None] * g, axis=(0, 1))
+    dk = jnp.sum(ds[:, :, None] * q, axis=(0, 1))
+    return dk, dv
+
+
+def _pull_kv_grads_matvec(
     q_BxHxLxK: jax.Array,
     lse_BxHxL: jax.Array,
     g_BxHxLxK: jax.Array,
@@ -287,7 +330,7 @@ def _pull_kv_grads(
     p: jax.Array,
     spec: AttentionSpec,
 ) -> tuple[jax.Array, jax.Array]:
-    """Within-leaf (dk_p, dv_p), B x G x K, of key p pulled from the leaf's later queries t > p.
+    """``_pull_kv_grads`` in the head-major layout (B x G x K), as batched matvecs (CPU path).
 
     With P = exp(<q_t, k_p> + bias - lse_t): dv_p = sum_t P g_t, dk_p = sum_t P (<g_t, v_p> -
     delta_t) q_t. Rows t <= p of the query-side buffers are never read (P = 0 there).
@@ -342,8 +385,13 @@ def _backward(
     spec: AttentionSpec,
     leaf: int,
     tile_ops: TileOps,
+    lanes: bool = True,
 ) -> tuple[Params, jax.Array]:
-    """Gradients (params, x) of the layer from its input, output, log-sum-exp and dL/dz."""
+    """Gradients (params, x) of the layer from its input, output, log-sum-exp and dL/dz.
+
+    ``lanes``: the per-position pull in the lane layout (accelerators) or as head-major batched
+    matvecs (``False``, faster on XLA:CPU); the same function up to float reordering.
+    """
     b, n_real, _ = x_BxNxD.shape
     n = -(-n_real // leaf)
     n_pos = n * leaf
@@ -374,18 +422,33 @@ def _backward(
     x1 = x + _attn_out(params, att_c, spec, xdt)
     hidden_pre = _mlp_hidden(params, x1, spec)
 
+    neg_slopes = _neg_slopes_lanes(spec, b, acc_dt) if spec.position == "alibi" else None
+    if lanes:
+        q_side = _heads_to_lanes(_to_leaves_pm(q, n, leaf), g)  # n x L x R x K x BG
+        lse_side = _scalars_to_lanes(_to_leaves_pm(lse, n, leaf), g)  # n x L x R x BG
+    else:
+        q_side, lse_side = q_l, lse_l  # n x B x H x L (x K)
+
     def leaf_step(carry, xs_i):
         dk_l, dv_l, dq_l, g_l, delta_l = carry
         i, dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, k_leaf, v_leaf = xs_i
-        q_leaf = q_l[i]  # B x H x L x K (compute dtype), read by every position of the leaf
-        lse_leaf = lse_l[i]
+        q_leaf = q_side[i]  # compute dtype, read by every position of the leaf
+        lse_leaf = lse_side[i]
         # dK, dV from later leaves (complete: their mirrored tiles ran before this leaf).
         dkc_leaf, dvc_leaf = _hm_leaf_to_pm(dk_l[i]), _hm_leaf_to_pm(dv_l[i])
 
         def position_step(gbuf, ys):
             g_buf, delta_buf = gbuf
             p, dz_t, z_t, kpre_t, x1_t, hid_t, att_t, k_t, v_t, dkc_t, dvc_t = ys
-            dk_loc, dv_loc = _pull_kv_grads(q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, spec)
+            if lanes:
+                dk_loc, dv_loc = _pull_kv_grads(
+                    q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, neg_slopes
+                )
+                dk_loc, dv_loc = _lanes_to_kv(dk_loc, b), _lanes_to_kv(dv_loc, b)
+            else:
+                dk_loc, dv_loc = _pull_kv_grads_matvec(
+                    q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, spec
+                )
             dk_t, dv_t = dkc_t + dk_loc, dvc_t + dv_loc
             dz_t = dz_t + _kv_input_grad(params, z_t, kpre_t, dk_t, dv_t, i * leaf + p, spec)
             _, mlp_out_t = jax.vjp(lambda a: _mlp_out(params, a, spec, xdt), hid_t)
@@ -399,11 +462,24 @@ def _backward(
             (g_t,) = attn_out_t(dx1_t)
             g_t = g_t.reshape(b, h, kd).astype(acc_dt)
             delta_t = jnp.sum(att_t * g_t, axis=-1)
-            g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_t.astype(gdt)[:, :, None], p, 2)
-            delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_t[:, :, None], p, 2)
+            if lanes:
+                g_row = _heads_to_lanes(g_t.astype(gdt), g)[None]
+                g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 0)
+                delta_row = _scalars_to_lanes(delta_t, g)[None]
+                delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_row, p, 0)
+            else:
+                g_row = g_t.astype(gdt)[:, :, None]
+                g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 2)
+                delta_buf = jax.lax.dynamic_update_slice_in_dim(
+                    delta_buf, delta_t[:, :, None], p, 2
+                )
             return (g_buf, delta_buf), (dz_t, dhid_t, dx1_t, g_t, delta_t, dk_t, dv_t)
 
-        gbuf0 = (jnp.zeros((b, h, leaf, kd), gdt), jnp.zeros((b, h, leaf), acc_dt))
+        if lanes:
+            gbuf0 = (jnp.zeros((leaf, r, kd, b * g), gdt), jnp.zeros((leaf, r, b * g), acc_dt))
+        else:
+            gbuf0 = (jnp.zeros((b, h, leaf, kd), gdt), jnp.zeros((b, h, leaf), acc_dt))
+        kv_in = tuple(_kv_to_lanes(a) if lanes else a for a in (k_leaf, v_leaf))
         _, outs = jax.lax.scan(
             position_step,
             gbuf0,
@@ -415,8 +491,7 @@ def _backward(
                 x1_leaf,
                 hid_leaf,
                 att_leaf,
-                k_leaf,
-                v_leaf,
+                *kv_in,
                 dkc_leaf,
                 dvc_leaf,
             ),

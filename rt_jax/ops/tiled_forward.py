@@ -57,6 +57,15 @@ def _alibi_bias(spec: AttentionSpec, dist: jax.Array, acc_dt) -> jax.Array:
     return -slopes * dist.astype(acc_dt)
 
 
+def _neg_slopes_lanes(spec: AttentionSpec, b: int, acc_dt) -> jax.Array:
+    """-slope_h as R x BG (lane layout), so the ALiBi bias of distance d is this times d."""
+    slopes = alibi_slopes(spec.n_heads, spec.alibi_bias_max).astype(acc_dt)
+    s_RxG = slopes.reshape(spec.n_kv_heads, spec.group_size).T
+    return -jnp.broadcast_to(s_RxG[:, None, :], (spec.group_size, b, spec.n_kv_heads)).reshape(
+        spec.group_size, b * spec.n_kv_heads
+    )
+
+
 def _local_logits(
     q_BxHxK: jax.Array, k_BxGxLxK: jax.Array, p: jax.Array, spec: AttentionSpec
 ) -> jax.Array:

@@ -5,6 +5,12 @@ leaf-major and head-major (n x B x H x L (x K)), so a tile is a plain index ``a[
 B x H x T x K layout of ``rt_jax.ops.tiles``; per-position inputs of the scans are position-major
 (n x L x B x ...). At Fenwick level t the leaves are grouped in chunks of 2t: the second half of
 every chunk (queries) meets the first half (keys), and all chunks go into one batched tile call.
+
+The per-position steps use a *lane* layout: batch x kv-heads flattened into the minor axis
+(BG = B * G, b major), query heads of a group (R) and head dim (K) in front, e.g. a query R x K x BG,
+a key K x BG, a leaf's keys L x K x BG. A query against its leaf's keys is then an elementwise
+product over full vector registers reduced over a major axis, not a batch of 1 x K x L matvecs with
+a half-empty minor axis (docs/tiled.md, "Per-position layout").
 """
 
 from __future__ import annotations
@@ -56,6 +62,45 @@ def _hm_leaf_to_pm(a_BxHxL_: jax.Array) -> jax.Array:
 def _pm_leaf_to_hm(a_LxBxH_: jax.Array) -> jax.Array:
     """One leaf L x B x H (x K) -> B x H x L (x K)."""
     return jnp.moveaxis(a_LxBxH_, 0, 2)
+
+
+def _heads_to_lanes(a_xBxHxK: jax.Array, g: int) -> jax.Array:
+    """... x B x H x K -> ... x R x K x BG (lane layout; h = g R + r, lane = b G + g)."""
+    *lead, b, h, kd = a_xBxHxK.shape
+    a = a_xBxHxK.reshape(*lead, b, g, h // g, kd)
+    nl = len(lead)
+    a = jnp.transpose(a, (*range(nl), nl + 2, nl + 3, nl, nl + 1))
+    return a.reshape(*lead, h // g, kd, b * g)
+
+
+def _lanes_to_heads(a_xRxKxBG: jax.Array, b: int) -> jax.Array:
+    """Inverse of ``_heads_to_lanes``: ... x R x K x BG -> ... x B x H x K."""
+    *lead, r, kd, bg = a_xRxKxBG.shape
+    g = bg // b
+    a = a_xRxKxBG.reshape(*lead, r, kd, b, g)
+    nl = len(lead)
+    a = jnp.transpose(a, (*range(nl), nl + 2, nl + 3, nl, nl + 1))
+    return a.reshape(*lead, b, g * r, kd)
+
+
+def _scalars_to_lanes(a_xBxH: jax.Array, g: int) -> jax.Array:
+    """... x B x H -> ... x R x BG (one number per query head, lane layout)."""
+    return _heads_to_lanes(a_xBxH[..., None], g)[..., 0, :]
+
+
+def _lanes_to_scalars(a_xRxBG: jax.Array, b: int) -> jax.Array:
+    """Inverse of ``_scalars_to_lanes``: ... x R x BG -> ... x B x H."""
+    return _lanes_to_heads(a_xRxBG[..., None, :], b)[..., 0]
+
+
+def _kv_to_lanes(a_xBxGxK: jax.Array) -> jax.Array:
+    """... x B x G x K -> ... x K x BG (a key or value in lane layout)."""
+    return _heads_to_lanes(a_xBxGxK, a_xBxGxK.shape[-2])[..., 0, :, :]
+
+
+def _lanes_to_kv(a_xKxBG: jax.Array, b: int) -> jax.Array:
+    """Inverse of ``_kv_to_lanes``: ... x K x BG -> ... x B x G x K."""
+    return _lanes_to_heads(a_xKxBG[..., None, :, :], b)
 
 
 def _pad_positions(a_BxNx_: jax.Array, n_pos: int, value: float = 0.0) -> jax.Array:

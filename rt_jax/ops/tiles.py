@@ -130,6 +130,12 @@ class TileOps:
     name: str = "jnp"
     block_calls: bool = False
     """Call ``merge``/``grads`` once per Fenwick block (True) or once per leaf pair (False)."""
+    fenwick_merge: Callable | None = None
+    """With ``block_calls``: ``(q_l, k_l, v_l, state, m, spec) -> state``, block m merged in
+    place on the leaf-major buffers (``rt_jax.ops.fenwick_calls``; a ``supports(q_l)`` method, if
+    present, says which buffers it takes); None: windows + ``merge``."""
+    fenwick_grads: Callable | None = None
+    """With ``block_calls``: ``(tensors, (dq_l, dk_l, dv_l), m, spec) -> grads``, in place."""
 
 
 JNP_TILE_OPS = TileOps()

@@ -12,8 +12,11 @@ from typing import Any
 
 from rt_jax.config import FLAT_FIELDS, ModelConfig, upgrade_flat_fields
 from rt_jax.data.config import SPLITS, DataConfig
+from rt_jax.train.presets import LRT_EXPERIMENTS, MESH_ABLATIONS
 
 PRESETS = ("tiny", "cpu-demo", "cpu-full", "cpu-lrt", "cpu-mesh", "paper-150m", "paper-300m")
+PRESETS += MESH_ABLATIONS  # registered in rt_jax/train/presets/__init__.py
+PRESETS += LRT_EXPERIMENTS
 ADAM_B2_CHOICES = (0.95, 0.99)
 
 
