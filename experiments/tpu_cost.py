@@ -1225,27 +1225,32 @@ def _shape_text(row: dict[str, Any]) -> str:
     return f"{s['preset']} B={s['batch']}x{s['seq_len']}/{s['microbatches']} {ov}".strip()
 
 
+def yardstick(row: dict[str, Any]) -> str:
+    """The model name of a row's Transformer yardstick: ``transformer`` for a layer row; for a
+    train-step row the Transformer compare point with the same layer count (``recurrent-12L`` ->
+    ``transformer-12L``)."""
+    if row["kind"] != "train-step":
+        return "transformer"
+    return "transformer-" + row["model"].rsplit("-", 1)[-1]
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], str]:
-    """Each row's estimate over the XLA-attention Transformer's, keyed by ``row_key``.
+    """Each row's estimate over its XLA-attention Transformer's (``yardstick``), by ``row_key``.
 
     The Transformer of the same label, kind and shape is the yardstick; a label without one is
     compared with the latest Transformer row of that kind and shape ("(vs L)")."""
-    base = {
-        (r["label"], r["kind"], shape_key(r)): r["estimated_ms"]
-        for r in rows
-        if r["model"] == "transformer"
-    }
+    base = {(r["label"], r["kind"], r["model"], shape_key(r)): r["estimated_ms"] for r in rows}
     any_label = {
-        (r["kind"], shape_key(r)): (r["label"], r["estimated_ms"])
+        (r["kind"], r["model"], shape_key(r)): (r["label"], r["estimated_ms"])
         for r in sorted(rows, key=lambda r: (r.get("date", ""), r["label"]))  # latest wins
-        if r["model"] == "transformer"
     }
     out = {}
     for r in rows:
-        ref = base.get((r["label"], r["kind"], shape_key(r)))
+        yard = yardstick(r)
+        ref = base.get((r["label"], r["kind"], yard, shape_key(r)))
         ratio = "-" if ref is None else f"{r['estimated_ms'] / ref:.2f}x"
-        if ref is None and (r["kind"], shape_key(r)) in any_label:
-            other, ref = any_label[(r["kind"], shape_key(r))]
+        if ref is None and (r["kind"], yard, shape_key(r)) in any_label:
+            other, ref = any_label[(r["kind"], yard, shape_key(r))]
             ratio = f"{r['estimated_ms'] / ref:.2f}x (vs {other})"
         out[row_key(r)] = ratio
     return out

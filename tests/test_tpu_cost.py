@@ -335,6 +335,32 @@ def test_results_rows_merge_by_key_and_render(tmp_path):
     assert "| 2.50x (vs before) |" in md
 
 
+def test_train_step_rows_compare_with_the_transformer_of_the_same_depth():
+    def row(model, ms):
+        return {
+            "label": "t",
+            "kind": "train-step",
+            "model": model,
+            "topology": "v5e:1x1",
+            "shape": {"preset": "p", "batch": 16},
+            "estimated_ms": ms,
+        }
+
+    rows = [
+        row("transformer-12L", 2.0),
+        row("transformer-6L", 4.0),
+        row("recurrent-12L", 6.0),
+        row("recurrent-6L", 6.0),
+    ]
+    rat = {k[2]: v for k, v in tpu_cost.ratios(rows).items()}
+    assert rat == {
+        "transformer-12L": "1.00x",
+        "transformer-6L": "1.00x",
+        "recurrent-12L": "3.00x",
+        "recurrent-6L": "1.50x",
+    }
+
+
 def test_readme_table_is_generated_from_results():
     """The README's TPU-estimate table equals the one rendered from results/tpu_cost.json."""
     root = Path(__file__).resolve().parents[1]

@@ -60,7 +60,17 @@ def _tiled_layer_fwd(params, x_BxNxD, spec, leaf, tile_ops):
 
 def _tiled_layer_bwd(spec, leaf, tile_ops, residuals, dz):
     params, x, z, lse = residuals
-    return _backward(params, x, z, lse, dz, spec, leaf, tile_ops)
+    # The per-position pull in the lane layout on accelerators, as matvecs on CPU (docs/tiled.md);
+    # chosen by the platform the program is lowered for (an AOT TPU compile from a CPU host too).
+    return jax.lax.platform_dependent(
+        params,
+        x,
+        z,
+        lse,
+        dz,
+        cpu=functools.partial(_backward, spec=spec, leaf=leaf, tile_ops=tile_ops, lanes=False),
+        default=functools.partial(_backward, spec=spec, leaf=leaf, tile_ops=tile_ops, lanes=True),
+    )
 
 
 _tiled_layer.defvjp(_tiled_layer_fwd, _tiled_layer_bwd)

@@ -320,6 +320,40 @@ def _pull_kv_grads(
     return dk, dv
 
 
+def _pull_kv_grads_matvec(
+    q_BxHxLxK: jax.Array,
+    lse_BxHxL: jax.Array,
+    g_BxHxLxK: jax.Array,
+    delta_BxHxL: jax.Array,
+    k_BxGxK: jax.Array,
+    v_BxGxK: jax.Array,
+    p: jax.Array,
+    spec: AttentionSpec,
+) -> tuple[jax.Array, jax.Array]:
+    """``_pull_kv_grads`` in the head-major layout (B x G x K), as batched matvecs (CPU path).
+
+    With P = exp(<q_t, k_p> + bias - lse_t): dv_p = sum_t P g_t, dk_p = sum_t P (<g_t, v_p> -
+    delta_t) q_t. Rows t <= p of the query-side buffers are never read (P = 0 there).
+    """
+    b, h, leaf, kd = q_BxHxLxK.shape
+    g, r = spec.n_kv_heads, spec.group_size
+    acc_dt = delta_BxHxL.dtype
+    q5 = q_BxHxLxK.reshape(b, g, r, leaf, kd)
+    g5 = g_BxHxLxK.reshape(b, g, r, leaf, kd)
+    logits = jnp.einsum("bgrtk,bgk->bgrt", q5, k_BxGxK, preferred_element_type=acc_dt)
+    t = jnp.arange(leaf)
+    if spec.position == "alibi":
+        logits = logits + _alibi_bias(spec, t - p, acc_dt)
+    prob = jnp.where(t > p, jnp.exp(logits - lse_BxHxL.reshape(b, g, r, leaf)), 0.0)
+    dprob = jnp.einsum(
+        "bgrtk,bgk->bgrt", g5, v_BxGxK.astype(g5.dtype), preferred_element_type=acc_dt
+    )
+    ds = prob * (dprob - delta_BxHxL.reshape(b, g, r, leaf))
+    dv = jnp.einsum("bgrt,bgrtk->bgk", prob.astype(g5.dtype), g5, preferred_element_type=acc_dt)
+    dk = jnp.einsum("bgrt,bgrtk->bgk", ds.astype(q5.dtype), q5, preferred_element_type=acc_dt)
+    return dk, dv
+
+
 def _within_leaf_dq(tensors: tuple[jax.Array, ...], spec: AttentionSpec) -> jax.Array:
     """dq n x B x H x L x K of every leaf's own pairs (s < t), all leaves at once."""
     q_l, k_l, v_l, g_l, lse_l, delta_l = tensors
@@ -351,8 +385,13 @@ def _backward(
     spec: AttentionSpec,
     leaf: int,
     tile_ops: TileOps,
+    lanes: bool = True,
 ) -> tuple[Params, jax.Array]:
-    """Gradients (params, x) of the layer from its input, output, log-sum-exp and dL/dz."""
+    """Gradients (params, x) of the layer from its input, output, log-sum-exp and dL/dz.
+
+    ``lanes``: the per-position pull in the lane layout (accelerators) or as head-major batched
+    matvecs (``False``, faster on XLA:CPU); the same function up to float reordering.
+    """
     b, n_real, _ = x_BxNxD.shape
     n = -(-n_real // leaf)
     n_pos = n * leaf
@@ -384,24 +423,33 @@ def _backward(
     hidden_pre = _mlp_hidden(params, x1, spec)
 
     neg_slopes = _neg_slopes_lanes(spec, b, acc_dt) if spec.position == "alibi" else None
-    q_lanes = _heads_to_lanes(_to_leaves_pm(q, n, leaf), g)  # n x L x R x K x BG
-    lse_lanes = _scalars_to_lanes(_to_leaves_pm(lse, n, leaf), g)  # n x L x R x BG
+    if lanes:
+        q_side = _heads_to_lanes(_to_leaves_pm(q, n, leaf), g)  # n x L x R x K x BG
+        lse_side = _scalars_to_lanes(_to_leaves_pm(lse, n, leaf), g)  # n x L x R x BG
+    else:
+        q_side, lse_side = q_l, lse_l  # n x B x H x L (x K)
 
     def leaf_step(carry, xs_i):
         dk_l, dv_l, dq_l, g_l, delta_l = carry
         i, dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, k_leaf, v_leaf = xs_i
-        q_leaf = q_lanes[i]  # L x R x K x BG (compute dtype), read by every position of the leaf
-        lse_leaf = lse_lanes[i]
+        q_leaf = q_side[i]  # compute dtype, read by every position of the leaf
+        lse_leaf = lse_side[i]
         # dK, dV from later leaves (complete: their mirrored tiles ran before this leaf).
         dkc_leaf, dvc_leaf = _hm_leaf_to_pm(dk_l[i]), _hm_leaf_to_pm(dv_l[i])
 
         def position_step(gbuf, ys):
             g_buf, delta_buf = gbuf
             p, dz_t, z_t, kpre_t, x1_t, hid_t, att_t, k_t, v_t, dkc_t, dvc_t = ys
-            dk_loc, dv_loc = _pull_kv_grads(
-                q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, neg_slopes
-            )
-            dk_t, dv_t = dkc_t + _lanes_to_kv(dk_loc, b), dvc_t + _lanes_to_kv(dv_loc, b)
+            if lanes:
+                dk_loc, dv_loc = _pull_kv_grads(
+                    q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, neg_slopes
+                )
+                dk_loc, dv_loc = _lanes_to_kv(dk_loc, b), _lanes_to_kv(dv_loc, b)
+            else:
+                dk_loc, dv_loc = _pull_kv_grads_matvec(
+                    q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, spec
+                )
+            dk_t, dv_t = dkc_t + dk_loc, dvc_t + dv_loc
             dz_t = dz_t + _kv_input_grad(params, z_t, kpre_t, dk_t, dv_t, i * leaf + p, spec)
             _, mlp_out_t = jax.vjp(lambda a: _mlp_out(params, a, spec, xdt), hid_t)
             (dhid_t,) = mlp_out_t(dz_t)
@@ -414,13 +462,24 @@ def _backward(
             (g_t,) = attn_out_t(dx1_t)
             g_t = g_t.reshape(b, h, kd).astype(acc_dt)
             delta_t = jnp.sum(att_t * g_t, axis=-1)
-            g_row = _heads_to_lanes(g_t.astype(gdt), g)[None]
-            g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 0)
-            delta_row = _scalars_to_lanes(delta_t, g)[None]
-            delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_row, p, 0)
+            if lanes:
+                g_row = _heads_to_lanes(g_t.astype(gdt), g)[None]
+                g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 0)
+                delta_row = _scalars_to_lanes(delta_t, g)[None]
+                delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_row, p, 0)
+            else:
+                g_row = g_t.astype(gdt)[:, :, None]
+                g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 2)
+                delta_buf = jax.lax.dynamic_update_slice_in_dim(
+                    delta_buf, delta_t[:, :, None], p, 2
+                )
             return (g_buf, delta_buf), (dz_t, dhid_t, dx1_t, g_t, delta_t, dk_t, dv_t)
 
-        gbuf0 = (jnp.zeros((leaf, r, kd, b * g), gdt), jnp.zeros((leaf, r, b * g), acc_dt))
+        if lanes:
+            gbuf0 = (jnp.zeros((leaf, r, kd, b * g), gdt), jnp.zeros((leaf, r, b * g), acc_dt))
+        else:
+            gbuf0 = (jnp.zeros((b, h, leaf, kd), gdt), jnp.zeros((b, h, leaf), acc_dt))
+        kv_in = tuple(_kv_to_lanes(a) if lanes else a for a in (k_leaf, v_leaf))
         _, outs = jax.lax.scan(
             position_step,
             gbuf0,
@@ -432,8 +491,7 @@ def _backward(
                 x1_leaf,
                 hid_leaf,
                 att_leaf,
-                _kv_to_lanes(k_leaf),
-                _kv_to_lanes(v_leaf),
+                *kv_in,
                 dkc_leaf,
                 dvc_leaf,
             ),

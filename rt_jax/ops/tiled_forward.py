@@ -29,16 +29,9 @@ from rt_jax.ops.fenwick_calls import fenwick_block_merge
 from rt_jax.ops.tiled_layout import (
     _acc_dtype,
     _from_leaves_pm,
-    _heads_to_lanes,
     _hm_leaf_to_pm,
-    _kv_to_lanes,
-    _lanes_to_heads,
-    _lanes_to_kv,
-    _lanes_to_scalars,
     _lowbit,
     _pad_positions,
-    _pm_leaf_to_hm,
-    _scalars_to_lanes,
     _to_leaves_hm,
     _to_leaves_pm,
 )
@@ -73,33 +66,20 @@ def _neg_slopes_lanes(spec: AttentionSpec, b: int, acc_dt) -> jax.Array:
     )
 
 
-def _local_merge(
-    q_RxKxBG: jax.Array,
-    k_LxKxBG: jax.Array,
-    v_LxKxBG: jax.Array,
-    state: tuple[jax.Array, jax.Array, jax.Array],
-    p: jax.Array,
-    neg_slopes: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One query (leaf offset p) merged with its leaf's keys s < p, lane layout (O(1) state).
-
-    Elementwise products over full lanes reduced over a major axis: no 1 x K x L matvecs.
-    """
-    acc_t, max_t, den_t = state  # R x K x BG, R x BG, R x BG
-    acc_dt = acc_t.dtype
-    leaf = k_LxKxBG.shape[0]
-    logits = jnp.sum(q_RxKxBG[:, None].astype(acc_dt) * k_LxKxBG[None].astype(acc_dt), axis=2)
-    s = jnp.arange(leaf)[:, None]
-    if neg_slopes is not None:
-        logits = logits + neg_slopes[:, None, :] * (p - s).astype(acc_dt)
-    logits = jnp.where(s < p, logits, -jnp.inf)  # R x L x BG
-    new_max = jnp.maximum(max_t, logits.max(axis=1))
-    rescale = jnp.exp(max_t - new_max)
-    prob = jnp.exp(logits - new_max[:, None])
-    pv = jnp.sum(prob[:, :, None] * v_LxKxBG[None].astype(acc_dt), axis=1)  # R x K x BG
-    acc = acc_t * rescale[:, None] + pv
-    den = den_t * rescale + prob.sum(axis=1)
-    return acc, new_max, den
+def _local_logits(
+    q_BxHxK: jax.Array, k_BxGxLxK: jax.Array, p: jax.Array, spec: AttentionSpec
+) -> jax.Array:
+    """Logits B x H x L of one query (leaf offset p) against its leaf's keys, -inf at s >= p."""
+    b, h, kd = q_BxHxK.shape
+    leaf = k_BxGxLxK.shape[2]
+    acc_dt = _acc_dtype(q_BxHxK.dtype)
+    qg = q_BxHxK.reshape(b, spec.n_kv_heads, spec.group_size, kd)
+    logits = jnp.einsum("bgrk,bgsk->bgrs", qg, k_BxGxLxK, preferred_element_type=acc_dt)
+    s = jnp.arange(leaf)
+    if spec.position == "alibi":
+        logits = logits + _alibi_bias(spec, p - s, acc_dt)
+    logits = jnp.where(s < p, logits, -jnp.inf)
+    return logits.reshape(b, h, leaf)
 
 
 def _merge_leaf_tiles(
@@ -141,7 +121,7 @@ def _forward(
     n = n_pos // leaf
     pos = jnp.arange(n_pos)
     acc_dt = _acc_dtype(x_BxNxD.dtype)
-    g, kd = spec.n_kv_heads, spec.head_dim
+    g, r, kd = spec.n_kv_heads, spec.group_size, spec.head_dim
     q, k_tmp, v_tmp = pre_attention(params, x_BxNxD, pos, spec)
     acc0, max0, den0 = _self_state(q, k_tmp, v_tmp, spec)
     q_l = _to_leaves_hm(q, n, leaf)
@@ -149,51 +129,43 @@ def _forward(
         _to_leaves_hm(acc0, n, leaf), _to_leaves_hm(max0, n, leaf), _to_leaves_hm(den0, n, leaf)
     )
     kbuf0 = jnp.zeros((n, b, g, leaf, kd), spec.dtype)
-    neg_slopes = _neg_slopes_lanes(spec, b, acc_dt) if spec.position == "alibi" else None
-    xs = (
-        jnp.arange(n),
-        _to_leaves_pm(x_BxNxD, n, leaf),
-        _heads_to_lanes(_to_leaves_pm(q, n, leaf), g),  # n x L x R x K x BG
-    )
+    xs = (jnp.arange(n), _to_leaves_pm(x_BxNxD, n, leaf), _to_leaves_pm(q, n, leaf))
 
     def leaf_step(carry, xs_i):
         state, k_l, v_l = carry
         i, x_leaf, q_leaf = xs_i
-        acc_pm, max_pm, den_pm = (_hm_leaf_to_pm(a[i]) for a in state)  # L x B x H (x K)
-        st_lanes = (
-            _heads_to_lanes(acc_pm, g),
-            _scalars_to_lanes(max_pm, g),
-            _scalars_to_lanes(den_pm, g),
-        )
+        st_pm = tuple(_hm_leaf_to_pm(a[i]) for a in state)
 
         def position_step(kv_leaf, ys):
-            # Pull: query t reads its leaf's key/value buffer (L x K x BG, compute dtype, one row
-            # written per step); its own state is O(1) vectors.
+            # Pull: query t reads its leaf's key/value buffer (compute dtype, one row written
+            # per step); its own state is O(1) vectors.
             k_leaf, v_leaf = kv_leaf
             p, x_t, q_t, acc_t, max_t, den_t = ys
-            acc, new_max, den = _local_merge(
-                q_t, k_leaf, v_leaf, (acc_t, max_t, den_t), p, neg_slopes
+            logits = _local_logits(q_t, k_leaf, p, spec)
+            new_max = jnp.maximum(max_t, logits.max(axis=-1))
+            rescale = jnp.exp(max_t - new_max)
+            prob = jnp.exp(logits - new_max[..., None])
+            pv = jnp.einsum(
+                "bgrs,bgsk->bgrk",
+                prob.reshape(b, g, r, leaf).astype(v_leaf.dtype),
+                v_leaf,
+                preferred_element_type=acc_dt,
             )
-            att = _lanes_to_heads(acc / den[:, None], b).astype(spec.dtype)[:, None]
+            acc = acc_t * rescale[..., None] + pv.reshape(acc_t.shape)
+            den = den_t * rescale + prob.sum(axis=-1)
+            att = (acc / den[..., None]).astype(spec.dtype)[:, None]
             z_t = post_attention(params, x_t[:, None], att, spec)
             k_t, v_t = kv_projection(params, z_t, (i * leaf + p)[None], spec)
-            k_leaf = jax.lax.dynamic_update_slice_in_dim(
-                k_leaf, _kv_to_lanes(k_t[:, 0])[None], p, 0
-            )
-            v_leaf = jax.lax.dynamic_update_slice_in_dim(
-                v_leaf, _kv_to_lanes(v_t[:, 0])[None], p, 0
-            )
+            k_leaf = jax.lax.dynamic_update_slice_in_dim(k_leaf, jnp.moveaxis(k_t, 1, 2), p, 2)
+            v_leaf = jax.lax.dynamic_update_slice_in_dim(v_leaf, jnp.moveaxis(v_t, 1, 2), p, 2)
             return (k_leaf, v_leaf), (z_t[:, 0], new_max + jnp.log(den))
 
-        buf0 = jnp.zeros((leaf, kd, b * g), spec.dtype)
-        (k_lanes, v_lanes), (z_leaf, lse_lanes) = jax.lax.scan(
+        (k_leaf, v_leaf), (z_leaf, lse_leaf) = jax.lax.scan(
             position_step,
-            (buf0, buf0),
-            (jnp.arange(leaf), x_leaf, q_leaf) + st_lanes,
+            (kbuf0[0], kbuf0[0]),
+            (jnp.arange(leaf), x_leaf, q_leaf) + st_pm,
             unroll=min(_INNER_UNROLL, leaf),
         )
-        k_leaf, v_leaf = (_pm_leaf_to_hm(_lanes_to_kv(a, b)) for a in (k_lanes, v_lanes))
-        lse_leaf = _lanes_to_scalars(lse_lanes, b)
         k_l = k_l.at[i].set(k_leaf)
         v_l = v_l.at[i].set(v_leaf)
         m = i + 1
