@@ -14,7 +14,13 @@ medians). Two groups of models at matched non-embedding parameters, each with bo
   shape (4L x 128). LRT prefill is the exact recurrence (token by token); a decode step carries
   one extra d-vector per row. The LRT/Transformer per-token latency ratio is reported beside the
   paper's ~9% overhead. ``--groups cpu-lrt`` alone writes ``results/bench_decode_lrt.{json,md}``
-  unless ``--out`` is given, so the other groups' results are kept.
+  unless ``--out`` is given, so the other groups' results are kept. LRT and the Transformer decode
+  through the same ``rt_jax.ops.decode.decode_layer`` (issue 14), so the ratio measures the
+  memory pathway alone. ``--lrt-train-steps N`` first trains each cpu-lrt model N steps with the
+  preset's recipe (weights loaded from the run directories under ``--runs-dir``; resumable)
+  instead of timing random weights; the group also times ``lrt-shared-4L-parallel-prefill``, the
+  same trained LRT with the APPROXIMATE parallel prefill (``memory.prefill=parallel``) beside
+  the exact token-by-token one.
 
 For each model and batch size (default 1 and 16): ``prefill_ms`` is the time of one jitted prefill
 of ``--prompt-len`` tokens per row (RT layers run ``--rt-impl``, default the tiled forward; the
@@ -47,6 +53,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +77,13 @@ RECORD_KEYS = (
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One benchmarked model: its group (a parameter-matched comparison) and config."""
+    """One benchmarked model: its group (a parameter-matched comparison), config and weights
+    (None: random, from ``init_params``)."""
 
     group: str
     name: str
     config: ModelConfig
+    params: Any = None
 
 
 def cpu_full_entries(rt_impl: str) -> list[Entry]:
@@ -103,6 +112,40 @@ def lrt_entries() -> list[Entry]:
             continue
         model = dataclasses.replace(model, compute_dtype="float32", remat=False)
         out.append(Entry("cpu-lrt", point.name, model))
+    shared = next(e for e in out if e.config.memory.kind == "shared")
+    memory = dataclasses.replace(shared.config.memory, prefill="parallel")
+    approx = dataclasses.replace(shared.config, memory=memory)
+    out.append(Entry("cpu-lrt", f"{shared.name}-parallel-prefill", approx))
+    return out
+
+
+def train_lrt_entries(entries: list[Entry], steps: int, runs_dir: str) -> list[Entry]:
+    """The cpu-lrt entries with weights trained ``steps`` steps by the cpu-lrt preset's recipe
+    (one run per distinct model, seed 0, in ``runs_dir``/<point>; resumed if present)."""
+    from rt_jax.train.checkpoint import load_model
+    from rt_jax.train.config import get_preset, with_point
+    from rt_jax.train.loop import train
+
+    preset = get_preset("cpu-lrt")
+    points = {p.name: p for p in preset.compare}
+    trained: dict[str, Any] = {}
+    out = []
+    for e in entries:
+        point_name = e.name.removesuffix("-parallel-prefill")
+        if point_name not in trained:
+            cfg = dataclasses.replace(
+                with_point(preset, points[point_name], 0),
+                steps=steps,
+                eval_points=1,
+                eval_batches=4,
+                checkpoint_every=steps,
+            )
+            run = pathlib.Path(runs_dir) / point_name
+            result = train(cfg, run, progress=False)
+            print(json.dumps({"trained": point_name, "steps": steps, "val_ce": result["val_ce"]}))
+            model, _ = load_model(run)
+            trained[point_name] = (model.params(), result["val_ce"])
+        out.append(dataclasses.replace(e, params=trained[point_name][0]))
     return out
 
 
@@ -191,7 +234,7 @@ def bench_group(
     cache_size = prompt_len + decode_tokens
     state = []
     for i, e in enumerate(entries):
-        params = init_params(e.config, jax.random.key(i))
+        params = init_params(e.config, jax.random.key(i)) if e.params is None else e.params
         prompt = np.asarray(
             jax.random.randint(jax.random.key(100 + i), (batch, prompt_len), 0, 256)
         )
@@ -314,7 +357,8 @@ def check_targets(
 def markdown(result: dict) -> str:
     """The results as Markdown tables."""
     lines = [
-        f"# Decoding benchmark (random weights, {result.get('dtype', 'float32')}, greedy)",
+        f"# Decoding benchmark ({result.get('weights', 'random weights')}, "
+        f"{result.get('dtype', 'float32')}, greedy)",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -382,6 +426,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--interpret", action="store_true", help="Pallas kernels in interpret mode (CPU)"
     )
+    p.add_argument(
+        "--lrt-train-steps",
+        type=int,
+        default=0,
+        help="train the cpu-lrt models this many steps first and time those weights (0: random)",
+    )
+    p.add_argument("--runs-dir", default="runs/bench_decode_lrt", help="for --lrt-train-steps")
     args = p.parse_args(argv)
     if args.prompt_len < 1 or args.decode_tokens < 1 or args.reps < 1:
         p.error("--prompt-len, --decode-tokens and --reps must be >= 1")
@@ -395,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
             groups[g] = paper_entries(args.paper_scale, args.rt_impl)
         elif g == "cpu-lrt":
             groups[g] = lrt_entries()
+            if args.lrt_train_steps > 0:
+                groups[g] = train_lrt_entries(groups[g], args.lrt_train_steps, args.runs_dir)
         else:
             p.error(f"unknown group {g!r}: choose from cpu-full, paper-12v6, cpu-lrt")
         groups[g] = [_runtime(e, args) for e in groups[g]]
@@ -427,13 +480,19 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_tokens": args.decode_tokens,
         "reps": args.reps,
         "rt_impl": args.rt_impl,
+        **(
+            {"weights": f"cpu-lrt trained {args.lrt_train_steps} steps, others random"}
+            if args.lrt_train_steps > 0
+            else {}
+        ),
         **({"dtype": args.dtype} if args.dtype != "float32" else {}),
         **({"interpret": True} if args.interpret else {}),
         "models": {
             g: {
                 e.name: {
                     "block_type": e.config.block_type,
-                    "memory": e.config.memory,
+                    "memory": e.config.memory.kind,
+                    "prefill": e.config.memory.prefill if e.config.memory.enabled else "exact",
                     "heads": e.config.n_heads,
                     "mlp": e.config.mlp_hidden,
                     "vocab": e.config.vocab_size,

@@ -60,6 +60,32 @@ if _CPU_TIMES_PATH:
 # layer level through test_pallas_compile and test_aot_compile, one LRT causality case); the rest,
 # and the interpret-mode kernel sweeps and sharded Pallas equalities, run in `make test-slow`.
 SLOW_TESTS = (
+    # LRT issue 14 (measured 114 s CPU for the first choice, over the ~30 s share): make test
+    # keeps stability init[11], the kv_source table, one exact oracle case, prefill[2] (the
+    # interleaved S = 2 passes against the hand-built oracle), one optimiser-group case and the
+    # preset build check; the rest of each property runs here.
+    "tests/test_lrt_stability.py::test_memory_bounded_at_init[-1]",
+    "tests/test_lrt_stability.py::test_memory_bounded_at_init[5]",
+    "tests/test_lrt_stability.py::test_memory_bounded_at_init[9]",
+    "tests/test_lrt_oracle.py::test_training_passes_equal_the_hand_built_reference[interleaved-S2-s",
+    "tests/test_lrt_oracle.py::test_refine_gradient_with_and_without_detach_equals_finite_differences[True]",
+    "tests/test_lrt_decode.py::",
+    "tests/test_optim.py::test_labels_cover_gamma_and_gates_only",
+    "tests/test_optim.py::test_gate_group_steps_at_the_scaled_rate[5.0]",
+    "tests/test_lrt_stability.py::test_memory_bounded_after_training",
+    "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[layerwise",
+    "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[shared-kv",
+    "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[shared-res",
+    "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[shared-both-a",
+    "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[shared-both-rope-layer2",
+    "tests/test_lrt_oracle.py::test_training_passes_equal_the_hand_built_reference[refine",
+    "tests/test_lrt_oracle.py::test_training_passes_equal_the_hand_built_reference[chunked",
+    "tests/test_lrt_oracle.py::test_training_passes_equal_the_hand_built_reference[interleaved-S4",
+    "tests/test_lrt_oracle.py::test_training_passes_equal_the_hand_built_reference[interleaved-S2-r",
+    "tests/test_lrt_oracle.py::test_training_passes_equal_the_hand_built_reference[interleaved-S2-l",
+    "tests/test_lrt_oracle.py::test_refine_gradient_with_and_without_detach_equals_finite_differences[False]",
+    "tests/test_lrt_oracle.py::test_parallel_prefill_is_exact_only_with_one_position_per_subset[8]",
+    "tests/test_lrt_presets.py::test_one_point_trains_two_steps",
     "tests/test_pallas_sharded.py::",
     "tests/test_pallas_tiles.py::",
     "tests/test_pallas_layer.py::",

@@ -283,7 +283,10 @@ def test_reference_checkpoint_evaluates_like_the_run(rt_run, tmp_path):
     pairs = [(BYTE.encode("To be, or"), BYTE.encode(" not"))]
     a = evaluation.score_continuations(model, pairs, batch_size=1, max_length=32)
     b = evaluation.score_continuations(loaded.model, pairs, batch_size=1, max_length=32)
-    assert a == b
+    # The export carries no leaf size (an implementation detail): the loaded model runs the
+    # default leaf, the same function up to float32 rounding.
+    assert [greedy for _, greedy in a] == [greedy for _, greedy in b]
+    assert [lp for lp, _ in a] == pytest.approx([lp for lp, _ in b], rel=1e-6)
     with pytest.raises(ValueError, match="preset"):
         evaluation.load_checkpoint(tmp_path / "ref")
     with pytest.raises(ValueError, match="data.. overrides only"):
