@@ -170,6 +170,7 @@ def cpu_config(points: tuple[ModelPoint, ...], steps: int, seeds: tuple[int, ...
         checkpoint_every=max(1, steps // 4),
         compare=points,
         seeds=seeds,
+        tune_steps=0,  # tune at steps // 3, not cpu-demo's 500 of its 2,000
     )
 
 

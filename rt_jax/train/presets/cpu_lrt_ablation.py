@@ -65,4 +65,5 @@ def config() -> TrainConfig:
         eval_points=4,
         eval_batches=16,
         checkpoint_every=300,
+        tune_steps=0,  # tune at steps // 3, not cpu-demo's 500 of its 2,000
     )
