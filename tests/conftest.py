@@ -129,6 +129,20 @@ SLOW_TESTS = (
     "tests/test_mesh_oracle.py::test_bf16_forward_is_finite_and_near_float32",
     "tests/test_mesh_oracle.py::test_standard_models_take_embed_scale_and_depth_init",
     "tests/test_mesh_presets.py::test_one_point_trains_two_steps",
+    # Session 4 merge: make test measured over its budget in a fresh clone; these cases move here
+    # (each property keeps a cheaper case in make test, except the structural no-N^2 / padding /
+    # lane-layout checks, which run only here).
+    "tests/test_causality.py::test_language_model_is_causal[recurrent]",
+    "tests/test_lrt.py::test_parallel_passes_reproduce_exact_recurrence[interleaved-S=N-layer0-alibi]",
+    "tests/test_model.py::test_recurrent_equals_transformer_at_one_position[reference-overrides1]",
+    "tests/test_flash_attention.py::test_flash_equals_xla_forward_and_grads[none-4-1-8-bfloat16]",
+    "tests/test_lrt.py::test_memory_is_zero_at_start_and_after_reset",
+    "tests/test_tiled.py::test_no_array_with_two_sequence_axes",
+    "tests/test_tiled.py::test_padding_never_produces_nan_or_inf",
+    "tests/test_decode.py::test_prefill_then_decode_matches_forward[mha-alibi-recurrent]",
+    "tests/test_evaluate.py::test_score_continuations_equal_the_oracle_for_every_family[recurrent]",
+    "tests/test_tiled_layout.py::test_lane_and_matvec_backward_agree_float64",
+    "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[shared-both-rope-last]",
 )
 
 
