@@ -143,6 +143,11 @@ SLOW_TESTS = (
     "tests/test_evaluate.py::test_score_continuations_equal_the_oracle_for_every_family[recurrent]",
     "tests/test_tiled_layout.py::test_lane_and_matvec_backward_agree_float64",
     "tests/test_lrt_oracle.py::test_exact_forward_eval_and_decoding_equal_the_oracle[shared-both-rope-last]",
+    "tests/test_causality.py::test_layer_is_causal[rt_reference]",
+    "tests/test_causality.py::test_language_model_is_causal[transformer]",
+    "tests/test_model.py::test_recurrent_equals_transformer_at_one_position[reference-overrides0]",
+    "tests/test_lrt.py::test_decoding_equals_exact_forward_at_every_position",
+    "tests/test_evaluate.py::test_generate_until_uses_the_cache_for_lrt",
 )
 
 
