@@ -52,14 +52,14 @@ POINTS = (ModelPoint("transformer-4L", "transformer", *SHAPE),) + tuple(
 )
 
 
-def config() -> TrainConfig:
-    """The cpu-lrt-ablation preset: cpu-demo's recipe, the Transformer and 7 LRT variants."""
+def recipe(points: tuple[ModelPoint, ...]) -> TrainConfig:
+    """cpu-demo's recipe for the LRT experiment presets, with these compare points."""
     base = cpu_demo.config()
     model = replace_model(base.model, memory=MemoryConfig(reset_token=256, eval_bucket=32))
     return dataclasses.replace(
         base,
-        model=point_model(model, POINTS[0]),
-        compare=POINTS,
+        model=point_model(model, points[0]),
+        compare=points,
         seeds=(0,),
         steps=600,
         eval_points=4,
@@ -67,3 +67,8 @@ def config() -> TrainConfig:
         checkpoint_every=300,
         tune_steps=0,  # tune at steps // 3, not cpu-demo's 500 of its 2,000
     )
+
+
+def config() -> TrainConfig:
+    """The cpu-lrt-ablation preset: cpu-demo's recipe, the Transformer and 7 LRT variants."""
+    return recipe(POINTS)

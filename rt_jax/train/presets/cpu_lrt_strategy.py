@@ -14,11 +14,8 @@ Sizing: interleaved, chunked and refine-K1 cost ~2 forwards per step and refine-
 evaluations, under an hour. Run: ``python -m experiments.param_matched --preset cpu-lrt-strategy``.
 """
 
-import dataclasses
-
-from rt_jax.config import MemoryConfig
-from rt_jax.train.config import ModelPoint, TrainConfig, point_model, replace_model
-from rt_jax.train.presets import cpu_demo
+from rt_jax.train.config import ModelPoint, TrainConfig
+from rt_jax.train.presets import cpu_lrt_ablation
 
 SHAPE = (4, 128, 4, 512)
 STRATEGIES = (
@@ -39,16 +36,4 @@ POINTS = (ModelPoint("transformer-4L", "transformer", *SHAPE),) + tuple(
 
 def config() -> TrainConfig:
     """The cpu-lrt-strategy preset: cpu-demo's recipe, the Transformer and 5 LRT strategies."""
-    base = cpu_demo.config()
-    model = replace_model(base.model, memory=MemoryConfig(reset_token=256, eval_bucket=32))
-    return dataclasses.replace(
-        base,
-        model=point_model(model, POINTS[0]),
-        compare=POINTS,
-        seeds=(0,),
-        steps=600,
-        tune_steps=0,  # tune at steps // 3, not cpu-demo's 500 of its 2,000
-        eval_points=4,
-        eval_batches=16,
-        checkpoint_every=300,
-    )
+    return cpu_lrt_ablation.recipe(POINTS)
