@@ -1111,10 +1111,15 @@ def estimate_layer(
     shape: LayerShape, block_type: str, topology: str = "v5e:1x1", hlo_out: Path | None = None
 ) -> dict[str, Any]:
     """Compile one layer fwd+bwd for ``topology`` and return its estimate row (JSON-ready)."""
+    import jax
+    from jax.sharding import Mesh
+
     chip = chip_of(topology)
     dev = tpu_devices(topology)[0]
-    jitted, args = layer_program(shape, block_type, dev)
-    compiled, compile_s = _compile(jitted, args)
+    # The target's platform comes from the mesh in context (Pallas kernels check it there).
+    with jax.sharding.use_abstract_mesh(Mesh(np.array([dev]), ("data",)).abstract_mesh):
+        jitted, args = layer_program(shape, block_type, dev)
+        compiled, compile_s = _compile(jitted, args)
     if hlo_out is not None:
         hlo_out.write_text(compiled.as_text())
     row = _summarise(compiled, chip, compile_s)
