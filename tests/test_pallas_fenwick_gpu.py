@@ -288,8 +288,9 @@ def _export_layer_for_cuda(window: bool):
 
 def test_gpu_layer_exports_for_cuda_with_in_place_kernels_and_no_window_copies():
     """Forward + backward of the layer lower to Triton for cuda; every Triton call takes the
-    whole leaf-major K buffer, and no op around them cuts or writes back a window of leaves or
-    switches over block shapes (the same check finds them on the window path)."""
+    whole leaf-major K buffer with its outputs aliased to the state/gradient buffers, and no op
+    around them cuts or writes back a window of leaves or switches over block shapes (the same
+    check finds them on the window path)."""
     exported = _export_layer_for_cuda(window=False)
     text = exported.mlir_module()
     calls = [line for line in text.splitlines() if "@__gpu$xla.gpu.triton" in line]
@@ -297,6 +298,8 @@ def test_gpu_layer_exports_for_cuda_with_in_place_kernels_and_no_window_copies()
     assert names == {"rt_fenwick_merge_gpu": 2, "rt_fenwick_dkdv_gpu": 1, "rt_fenwick_dq_gpu": 1}
     k_buffer = (N_LEAVES, BATCH, LAYER_G, LEAF, LAYER_KD)
     assert len(calls) == 4 and all(k_buffer in _dims(c.rsplit("} : (", 1)[1]) for c in calls)
+    # state (merge: 3), dK + dV (2), dq (1) aliased to the results: written where they lie
+    assert sorted(c.count("operand_index =") for c in calls) == [1, 2, 3, 3]
     assert window_ops_in_leaf_loops(text) == []
     assert export.deserialize(exported.serialize()).platforms == ("cuda",)
     window_text = _export_layer_for_cuda(window=True).mlir_module()
