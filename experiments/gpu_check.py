@@ -3,8 +3,9 @@
 On one GPU (``make gpu-check`` = ``PYTHONPATH=. python -m experiments.gpu_check``; no install, the
 machine's own JAX with the CUDA plugin):
 
-1. ``tests``: the Pallas tile tests with the GPU (Triton) kernels compiled, not interpreted
-   (``RT_PALLAS_COMPILED=1 pytest tests/test_pallas_tiles.py -k "gpu and not tpu"``; recorded as
+1. ``tests``: the Pallas tile tests with the GPU (Triton) kernels compiled, not interpreted,
+   and the in-place Fenwick-block kernels (``RT_PALLAS_COMPILED=1 pytest tests/test_pallas_tiles.py
+   tests/test_pallas_fenwick_gpu.py -k "gpu and not tpu and not mesh"``; recorded as
    not run if pytest is not installed), plus two compiled checks that need no pytest: the RT layer
    with ``impl="pallas"`` against ``impl="tiled"`` and the Transformer layer with
    ``attention="flash"`` (cuDNN) against ``attention="xla"``, forward and all gradients.
@@ -122,8 +123,10 @@ def run_pallas_tests(timeout_s: float) -> dict[str, Any]:
     if importlib.util.find_spec("pytest") is None:
         return {"name": "pallas tile tests (compiled)", "status": "not run",
                 "detail": "pytest is not installed on this machine"}  # fmt: skip
+    # "not mesh": the sharded in-place test needs 8 devices (fake CPU ones under make test).
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_pallas_tiles.py", "-k", "gpu and not tpu"]  # fmt: skip
+           "tests/test_pallas_tiles.py", "tests/test_pallas_fenwick_gpu.py",
+           "-k", "gpu and not tpu and not mesh"]  # fmt: skip
     env = {**os.environ, "RT_PALLAS_COMPILED": "1", "JAX_PLATFORMS": ""}  # conftest defaults to cpu
     t0 = time.perf_counter()
     try:

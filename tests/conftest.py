@@ -91,6 +91,14 @@ SLOW_TESTS = (
     "tests/test_pallas_layer.py::",
     "tests/test_pallas_blocks.py::",
     "tests/test_pallas_fenwick.py::test_in_place_kernels",
+    # GPU in-place kernels: make test keeps the GQA + ALiBi fp32 every-block case, the plan and
+    # the CUDA export (with its window-path contrast); the other sweeps and the layer run here.
+    "tests/test_pallas_fenwick_gpu.py::test_gpu_in_place_kernels_equal_window_path_for_every_block[7",
+    "tests/test_pallas_fenwick_gpu.py::test_gpu_in_place_kernels_equal_window_path_for_every_block[5",
+    "tests/test_pallas_fenwick_gpu.py::test_gpu_in_place_kernels_equal_window_path_for_every_block[6-4-2-4",
+    "tests/test_pallas_fenwick_gpu.py::test_gpu_in_place_kernels_use_the_shards_global_heads",
+    "tests/test_pallas_fenwick_gpu.py::test_gpu_pallas_layer_runs",
+    "tests/test_pallas_fenwick_gpu.py::test_gpu_in_place_layer_sharded",
     "tests/test_pallas_copies.py::test_leaf_loops_copy_at_most_one_leaf_slice[1024]",
     "tests/test_param_matched_experiment.py::",
     "tests/test_synthetic_experiment.py::",

@@ -7,9 +7,10 @@ the scan's leaf-major ones (n x B x X x L (x K)); block m (T = lowbit(m)) joins 
 [m - T, m) with query leaves [m, min(m + T, n)), viewed as B x X x (T L) (x K) windows.
 
 When the tile ops carry in-place block kernels (``TileOps.fenwick_merge``/``fenwick_grads``, the
-Mosaic TPU kernels of ``pallas_kernels.rt_tiles.fenwick_tpu``) the block is handed to them as it
-lies: one call per leaf step with m as a scalar operand, state/gradients aliased, no window and no
-``lax.switch``. Otherwise (the jnp reference and the Triton kernels) windows are cut per block:
+Mosaic TPU kernels of ``pallas_kernels.rt_tiles.fenwick_tpu`` or the Triton GPU kernels of
+``fenwick_gpu``) the block is handed to them as it lies: one call per leaf step with m as an
+operand, state/gradients aliased, no window and no ``lax.switch``. Otherwise (the jnp reference,
+and the TPU kernels on leaves that are not whole sublane tiles) windows are cut per block:
 exactly the schedule's tiles are computed: the window sizes are static per branch of a
 ``lax.switch``, one branch per (T, query leaves) pair that occurs for this n (a level's full block
 and, at most once per level, its tail truncated at the last leaf, at its true size); m = 0 and
@@ -44,7 +45,8 @@ def _unwindow(w_BxXxM_: jax.Array, size: int) -> jax.Array:
 
 def in_place(tile_ops: TileOps, q_l: jax.Array) -> bool:
     """Whether the tile ops' in-place block kernels take these leaf-major buffers (their
-    ``supports(q_l)``, when they have one: the Mosaic kernels need leaves of whole sublane tiles)."""
+    ``supports(q_l)``, when they have one: the Mosaic kernels need leaves of whole sublane tiles,
+    the Triton ones take every leaf)."""
     fn = tile_ops.fenwick_merge
     return fn is not None and getattr(fn, "supports", lambda _: True)(q_l)
 

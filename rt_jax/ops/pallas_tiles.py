@@ -18,7 +18,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.rt_tiles import fenwick_tpu
+from pallas_kernels.rt_tiles import fenwick_gpu, fenwick_tpu
 from pallas_kernels.rt_tiles.api import target_device, tile_kernels
 from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig, tpu_config_for
 from pallas_kernels.rt_tiles.contract import TileSpec
@@ -103,24 +103,34 @@ class ShardedKernel:
 
 @dataclasses.dataclass(frozen=True)
 class ShardedFenwick:
-    """An in-place Fenwick-block kernel ("merge" or "grads", ``rt_tiles.fenwick_tpu``) on the
-    scan's leaf-major buffers (leaf axis first, then batch, then heads), under ``shard_map``."""
+    """An in-place Fenwick-block kernel ("merge" or "grads") on the scan's leaf-major buffers
+    (leaf axis first, then batch, then heads), under ``shard_map``: ``rt_tiles.fenwick_tpu``
+    (backend "tpu") or ``rt_tiles.fenwick_gpu`` (backend "gpu")."""
 
     kind: str
     interpret: bool
-    config: TpuTileConfig | None
+    config: TpuTileConfig | GpuTileConfig | None
+    backend: str = "tpu"
 
     def supports(self, q_l: jax.Array) -> bool:
-        """Leaves of whole sublane tiles (``fenwick_tpu.supported``); else the window calls."""
+        """TPU: leaves of whole sublane tiles (``fenwick_tpu.supported``), else the window calls.
+        GPU: every leaf (short leaves run in masked 16-row chunks); the head size is checked by
+        the kernel, as by the Triton tile kernels."""
+        if self.backend == "gpu":
+            return True
         return fenwick_tpu.supported(q_l.shape[3], q_l.dtype)
 
     def __call__(self, *args):
         """``(q_l, k_l, v_l, state, m, spec)`` (merge) or ``(tensors, grads, m, spec)`` (grads)."""
         *arrays, m, spec = args
         tile_spec = TileSpec.of(spec)
-        _, kind = target_device()
-        config = tpu_config_for(kind) if self.config is None else self.config
-        fn = fenwick_tpu.fenwick_merge if self.kind == "merge" else fenwick_tpu.fenwick_grads
+        if self.backend == "gpu":
+            module, config = fenwick_gpu, self.config
+        else:
+            _, kind = target_device()
+            module = fenwick_tpu
+            config = tpu_config_for(kind) if self.config is None else self.config
+        fn = module.fenwick_merge if self.kind == "merge" else module.fenwick_grads
         if self.kind == "merge":
             q_l, k_l, v_l, state = arrays
             flat = (q_l, k_l, v_l, *state)
@@ -176,18 +186,19 @@ def pallas_tile_ops(
     context mesh's devices, else JAX's backend), and the TPU kernels in interpret mode on CPU.
     ``config`` None picks the target chip's config. ``block_calls`` makes the tiled scan call the
     kernels once per Fenwick block (key block resident on chip) rather than once per leaf pair;
-    on TPU those calls are the in-place kernels of ``rt_tiles.fenwick_tpu`` (m as a scalar
-    operand, state/gradients aliased), on GPU the Triton tile kernels on per-block windows.
+    those calls are the in-place kernels on the leaf-major buffers (m as an operand,
+    state/gradients aliased): ``rt_tiles.fenwick_tpu`` on TPU (window calls for leaves that are
+    not whole sublane tiles), ``rt_tiles.fenwick_gpu`` on GPU.
     Raises ValueError when the choice cannot run on the target.
     """
     _, _, name = tile_kernels(backend, interpret=interpret, config=config)
     mode = "interpret" if interpret else "compiled"
-    in_place = name == "tpu" and block_calls
+    fenwick = block_calls
     return TileOps(
         merge=ShardedKernel("merge", backend, interpret, config),
         grads=ShardedKernel("grads", backend, interpret, config),
         name=f"pallas-{name}-{mode}",
         block_calls=block_calls,
-        fenwick_merge=ShardedFenwick("merge", interpret, config) if in_place else None,
-        fenwick_grads=ShardedFenwick("grads", interpret, config) if in_place else None,
+        fenwick_merge=ShardedFenwick("merge", interpret, config, name) if fenwick else None,
+        fenwick_grads=ShardedFenwick("grads", interpret, config, name) if fenwick else None,
     )
