@@ -177,3 +177,38 @@ def test_leaf_kernel_refuses_neox_and_unpadded_batches():
     flat = (q.reshape(8, 2, 32), state[0].reshape(8, 2, 32), state[1], state[2])
     with pytest.raises(ValueError, match="multiple of 8"):
         leaf_tpu.leaf_forward(x, flat[0], flat[1:], weights, None, lspec, interpret=True)
+
+
+@pytest.mark.parametrize("position,n_kv", [("alibi", 16), ("rope", 4)])
+def test_leaf_kernel_compiles_for_v5e_at_the_cost_shape(position, n_kv):
+    """The kernel alone at experiments/tpu_cost's layer shape (16 sequences per chip, leaf 32,
+    D = 1024, 16 heads of 64, F = 4096, bf16): it fits v5e's VMEM (a real Mosaic compile)."""
+    import numpy as onp
+    from jax.sharding import Mesh, SingleDeviceSharding
+
+    from experiments.tpu_cost import tpu_devices
+
+    leaf, b, d, f, h, kd = 32, 16, 1024, 4096, 16, 64
+    hk, gk = h * kd, n_kv * kd
+    dev = tpu_devices("v5e:1x1")[0]
+    sharding = SingleDeviceSharding(dev)
+
+    def sd(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    bf, f32 = jnp.bfloat16, jnp.float32
+    spec = leaf_tpu.LeafSpec(h, n_kv, kd, position)
+    weights = leaf_tpu.LeafWeights(
+        sd((hk, d), bf), sd((d, f), bf), sd((f, d), bf), sd((d, gk), bf), sd((d, gk), bf),
+        sd((1, d), f32), sd((1, d), f32), sd((1, gk), f32), sd((hk, h), f32),
+        sd((gk, hk), bf) if n_kv != h else None,
+        sd((gk, gk), bf) if position == "rope" else None,
+        sd((1, 1, h), f32) if position == "alibi" else None,
+    )  # fmt: skip
+    rope = (sd((leaf, 1, gk), f32),) * 2 if position == "rope" else None
+    state = (sd((leaf, b, hk), f32), sd((leaf, b, h), f32), sd((leaf, b, h), f32))
+    args = (sd((leaf, b, d), f32), sd((leaf, b, hk), bf), state, weights, rope)
+    fn = jax.jit(lambda x, q, st, w, rope: leaf_tpu.leaf_forward(x, q, st, w, rope, spec))
+    with jax.sharding.use_abstract_mesh(Mesh(onp.array([dev]), ("data",)).abstract_mesh):
+        text = fn.lower(*args).compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 1

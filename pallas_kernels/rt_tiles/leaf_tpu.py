@@ -248,19 +248,23 @@ def _nbytes(a) -> int:
 
 
 def leaf_cost(
-    leaf: int, b: int, d: int, f: int, spec: LeafSpec, operands, outputs
+    leaf: int, b: int, d: int, f: int, spec: LeafSpec, dtype, operands, outputs
 ) -> pl.CostEstimate:
     """FLOPs, transcendentals and HBM bytes of one call (every operand and output once).
 
     FLOPs count the matmuls as issued (the local attention runs over all L key rows of the
-    leaf, masked; selection-matrix matmuls count once, whatever their contraction precision)
-    and the elementwise products of the local attention.
+    leaf, masked; bf16 logits are two matmuls; a float32 selection matmul counts once, whatever
+    its contraction precision) and the elementwise products of the local attention. Every matmul
+    has B rows (the batch): the MXU runs them at most B/128 (v5e) full, which a FLOP count
+    cannot show (docs/kernels.md).
     """
     h, g, kd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     hk, gk = h * kd, g * kd
+    spec_dtype_bf16 = jnp.dtype(dtype) == jnp.bfloat16
     weights = hk * d + d * f + f * d + 2 * d * gk
     per_pos = 2 * b * weights  # o-projection, MLP, k/v projection
-    per_pos += 2 * (2 * leaf * b * hk * h)  # logits @ E, probabilities @ E^T
+    passes = 2 if spec_dtype_bf16 else 1  # bf16: the products' two halves, one matmul each
+    per_pos += 2 * leaf * b * hk * h * (passes + 1)  # logits @ E, probabilities @ E^T
     per_pos += 2 * 2 * leaf * b * hk  # q * k, p * v (and the sum over s)
     per_pos += 2 * 2 * b * h * hk  # rescale and den back to lanes
     if spec.position == "rope":
@@ -337,7 +341,7 @@ def leaf_forward(
             compiler_params=pltpu.CompilerParams(
                 vmem_limit_bytes=min(VMEM_CAP_BYTES, need + need // 4 + (8 << 20))
             ),
-            cost_estimate=leaf_cost(leaf, b, d, f, spec, operands, out_shape),
+            cost_estimate=leaf_cost(leaf, b, d, f, spec, dtype, operands, out_shape),
             interpret=interpret,
             name="rt_leaf_forward",
         )(*operands)
