@@ -834,7 +834,10 @@ def _kernel_name(ins: Instr) -> str:
     m = re.search(r'kernel_name\\?"?\s*[:=]\s*\\?"([A-Za-z0-9_.\-]+)', ins.attrs)
     if m:
         return m.group(1)
-    return ins.op_name.split("/")[-1] or ins.name
+    parts = ins.op_name.split("/")
+    if len(parts) > 1 and parts[-1] == "pallas_call":  # pallas_call(name=...) scopes the call
+        return parts[-2]
+    return parts[-1] or ins.name
 
 
 def _total(acc: Acc) -> float:

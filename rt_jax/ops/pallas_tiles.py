@@ -16,12 +16,14 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.rt_tiles import fenwick_gpu, fenwick_tpu
+from pallas_kernels.rt_tiles import fenwick_gpu, fenwick_tpu, leaf_tpu
 from pallas_kernels.rt_tiles.api import target_device, tile_kernels
 from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig, tpu_config_for
 from pallas_kernels.rt_tiles.contract import TileSpec
+from rt_jax.ops.block import AttentionSpec, alibi_slopes
 from rt_jax.ops.tiles import SoftmaxState, TileOps
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes rt_jax.train.sharding splits the batch over
@@ -169,6 +171,106 @@ class ShardedFenwick:
         )(m, *flat)
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafKernel:
+    """The forward's per-leaf pull step as one Mosaic call (``rt_tiles.leaf_tpu``): all L
+    positions with state, the leaf's keys/values and the weights in VMEM. Under a mesh the batch
+    is split over the data/fsdp axes (``tile_partition``); heads are not split (the call holds the
+    whole layer's weights), so a tensor axis replicates it."""
+
+    interpret: bool
+
+    def supports(self, params, x_BxNxD: jax.Array, spec: AttentionSpec, leaf: int) -> bool:
+        """Leaves of whole sublane tiles of the compute dtype (the Fenwick kernels' rule,
+        ``fenwick_tpu.supported``) and one call's VMEM under ``leaf_tpu.VMEM_CAP_BYTES``."""
+        if spec.neox:
+            raise ValueError("the leaf kernel implements the OLMo block; the RT refuses neox")
+        b, _, d = x_BxNxD.shape
+        f = params["w_ff_in"].shape[1]
+        acc = _acc_dtype(x_BxNxD.dtype)
+        return fenwick_tpu.supported(leaf, spec.dtype) and leaf_tpu.fits(
+            leaf, b, d, f, _leaf_spec(spec), spec.dtype, x_BxNxD.dtype, acc
+        )
+
+    def prepare(self, params, spec: AttentionSpec, acc) -> leaf_tpu.LeafWeights:
+        """The kernel's weights (compute dtype) and selection matrices, once per layer call."""
+        dt = spec.dtype
+        h, g, kd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        gk = g * kd
+        w_kv = params["w_kv"].astype(dt)
+        return leaf_tpu.LeafWeights(
+            w_o=params["w_o"].astype(dt),
+            w_ff_in=params["w_ff_in"].astype(dt),
+            w_ff_out=params["w_ff_out"].astype(dt),
+            w_k=w_kv[:, :gk],
+            w_v=w_kv[:, gk:],
+            attn_norm=params["attn_norm"].reshape(1, -1),
+            ff_norm=params["ff_norm"].reshape(1, -1),
+            k_norm=params["k_norm"].reshape(1, -1),
+            e=leaf_tpu.head_indicator(h, kd, acc),
+            rep=leaf_tpu.kv_repeat(h, g, kd, dt) if g != h else None,
+            rot=leaf_tpu.rotate_half(g, kd, spec.rotary_dims, dt)
+            if spec.position == "rope"
+            else None,
+            neg_slopes=(-alibi_slopes(h, spec.alibi_bias_max).astype(acc)).reshape(1, 1, h)
+            if spec.position == "alibi"
+            else None,
+        )
+
+    def __call__(self, weights, x_LxBxD, q_LxBxHxK, state_pm, start, spec: AttentionSpec):
+        """One leaf: (z L x B x D, lse L x B x H, k and v B x G x L x K) from its inputs and its
+        position-major state (acc L x B x H x K, max/den L x B x H); ``start`` = i L."""
+        leaf, b, _ = x_LxBxD.shape
+        h, g, kd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        acc, mx, den = state_pm
+        q = q_LxBxHxK.reshape(leaf, b, h * kd)
+        acc = acc.reshape(leaf, b, h * kd)
+        rope = ()
+        if spec.position == "rope":
+            pos = start + jnp.arange(leaf)
+            rope = leaf_tpu.rope_tables(pos, g, kd, spec.rotary_dims, spec.rope_theta, acc.dtype)
+        lspec = _leaf_spec(spec)
+
+        def call(x, q, acc, mx, den, *rope):
+            bl = x.shape[1]
+            pad = -bl % leaf_tpu.SUBLANES
+            if pad:
+                widths = ((0, 0), (0, pad), (0, 0))
+                x, q, acc, mx = (jnp.pad(a, widths) for a in (x, q, acc, mx))
+                den = jnp.pad(den, widths, constant_values=1)
+            out = leaf_tpu.leaf_forward(
+                x, q, (acc, mx, den), weights, rope or None, lspec, interpret=self.interpret
+            )
+            return tuple(a[:, :bl] for a in out)
+
+        mesh = jax.sharding.get_abstract_mesh()
+        args = (x_LxBxD, q, acc, mx, den, *rope)
+        if mesh.empty or not _has_free_axis(mesh):
+            z, lse, k, v = call(*args)
+        else:
+            batch_axes, _ = tile_partition(mesh, b, h, g)
+            lb = P(None, batch_axes or None)
+            z, lse, k, v = jax.shard_map(
+                call,
+                mesh=mesh,
+                in_specs=(lb,) * 5 + (P(),) * len(rope),
+                out_specs=(lb,) * 4,
+                check_vma=False,
+            )(*args)
+        k, v = (a.reshape(leaf, b, g, kd).transpose(1, 2, 0, 3) for a in (k, v))
+        return z, lse, k, v
+
+
+def _leaf_spec(spec: AttentionSpec) -> leaf_tpu.LeafSpec:
+    return leaf_tpu.LeafSpec(
+        spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.position, spec.norm_eps
+    )
+
+
+def _acc_dtype(dtype) -> jnp.dtype:
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
 def _has_free_axis(mesh) -> bool:
     """A non-manual axis of size > 1: XLA would try (and fail) to partition the kernel."""
     return any(size > 1 for axis, size in dict(mesh.shape).items() if axis not in mesh.manual_axes)
@@ -179,6 +281,7 @@ def pallas_tile_ops(
     backend: str | None = None,
     config: TpuTileConfig | GpuTileConfig | None = None,
     block_calls: bool = True,
+    leaf_kernel: bool = True,
 ) -> TileOps:
     """A ``TileOps`` whose merge/grads are the Pallas kernels, sharded over the context mesh.
 
@@ -189,6 +292,8 @@ def pallas_tile_ops(
     those calls are the in-place kernels on the leaf-major buffers (m as an operand,
     state/gradients aliased): ``rt_tiles.fenwick_tpu`` on TPU (window calls for leaves that are
     not whole sublane tiles), ``rt_tiles.fenwick_gpu`` on GPU.
+    ``leaf_kernel`` (TPU only) runs the forward's per-leaf pull step as one Mosaic call
+    (``LeafKernel``) where it applies; False keeps the jnp position loop.
     Raises ValueError when the choice cannot run on the target.
     """
     _, _, name = tile_kernels(backend, interpret=interpret, config=config)
@@ -201,4 +306,5 @@ def pallas_tile_ops(
         block_calls=block_calls,
         fenwick_merge=ShardedFenwick("merge", interpret, config, name) if fenwick else None,
         fenwick_grads=ShardedFenwick("grads", interpret, config, name) if fenwick else None,
+        leaf_forward=LeafKernel(interpret) if name == "tpu" and leaf_kernel else None,
     )

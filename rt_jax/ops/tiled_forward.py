@@ -9,7 +9,8 @@ kv_projection(z_t) as one new row. After leaf i the binary-counter step at leaf 
 (m = i + 1, T = lowbit(m)) merges key leaves [m - T, m) into query leaves [m, min(m + T, n)), one
 leaf x leaf tile at a time through ``tile_ops.merge`` (``fori_loop``, no ``lax.switch``), or, when
 ``tile_ops.block_calls`` is set (the Pallas kernels), one call per Fenwick block
-(``rt_jax.ops.fenwick_calls``).
+(``rt_jax.ops.fenwick_calls``). With ``tile_ops.leaf_forward`` (the Pallas TPU ops, where its
+``supports`` holds) a leaf's whole position loop is one kernel call computing the same step.
 """
 
 from __future__ import annotations
@@ -113,6 +114,55 @@ def _merge_leaf_tiles(
     return jax.lax.fori_loop(q_lo, q_hi, per_query, state)
 
 
+def leaf_positions(
+    params: Params,
+    spec: AttentionSpec,
+    start: jax.Array,
+    x_LxBxD: jax.Array,
+    q_LxBxHxK: jax.Array,
+    state_pm: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One leaf's pull steps (the jnp reference of the leaf kernel): z L x B x D, lse L x B x H
+    and the leaf's keys/values B x G x L x K, from its inputs and position-major state
+    (acc L x B x H x K, max/den L x B x H, earlier leaves merged); ``start`` = i L."""
+    leaf, b, _ = x_LxBxD.shape
+    g, r, kd = spec.n_kv_heads, spec.group_size, spec.head_dim
+    acc_dt = state_pm[0].dtype
+    kbuf0 = jnp.zeros((b, g, leaf, kd), spec.dtype)
+
+    def position_step(kv_leaf, ys):
+        # Pull: query t reads its leaf's key/value buffer (compute dtype, one row written
+        # per step); its own state is O(1) vectors.
+        k_leaf, v_leaf = kv_leaf
+        p, x_t, q_t, acc_t, max_t, den_t = ys
+        logits = _local_logits(q_t, k_leaf, p, spec)
+        new_max = jnp.maximum(max_t, logits.max(axis=-1))
+        rescale = jnp.exp(max_t - new_max)
+        prob = jnp.exp(logits - new_max[..., None])
+        pv = jnp.einsum(
+            "bgrs,bgsk->bgrk",
+            prob.reshape(b, g, r, leaf).astype(v_leaf.dtype),
+            v_leaf,
+            preferred_element_type=acc_dt,
+        )
+        acc = acc_t * rescale[..., None] + pv.reshape(acc_t.shape)
+        den = den_t * rescale + prob.sum(axis=-1)
+        att = (acc / den[..., None]).astype(spec.dtype)[:, None]
+        z_t = post_attention(params, x_t[:, None], att, spec)
+        k_t, v_t = kv_projection(params, z_t, (start + p)[None], spec)
+        k_leaf = jax.lax.dynamic_update_slice_in_dim(k_leaf, jnp.moveaxis(k_t, 1, 2), p, 2)
+        v_leaf = jax.lax.dynamic_update_slice_in_dim(v_leaf, jnp.moveaxis(v_t, 1, 2), p, 2)
+        return (k_leaf, v_leaf), (z_t[:, 0], new_max + jnp.log(den))
+
+    (k_leaf, v_leaf), (z_leaf, lse_leaf) = jax.lax.scan(
+        position_step,
+        (kbuf0, kbuf0),
+        (jnp.arange(leaf), x_LxBxD, q_LxBxHxK) + tuple(state_pm),
+        unroll=min(_INNER_UNROLL, leaf),
+    )
+    return z_leaf, lse_leaf, k_leaf, v_leaf
+
+
 def _forward(
     params: Params, x_BxNxD: jax.Array, spec: AttentionSpec, leaf: int, tile_ops: TileOps
 ) -> tuple[jax.Array, jax.Array]:
@@ -121,7 +171,7 @@ def _forward(
     n = n_pos // leaf
     pos = jnp.arange(n_pos)
     acc_dt = _acc_dtype(x_BxNxD.dtype)
-    g, r, kd = spec.n_kv_heads, spec.group_size, spec.head_dim
+    g, kd = spec.n_kv_heads, spec.head_dim
     q, k_tmp, v_tmp = pre_attention(params, x_BxNxD, pos, spec)
     acc0, max0, den0 = _self_state(q, k_tmp, v_tmp, spec)
     q_l = _to_leaves_hm(q, n, leaf)
@@ -130,42 +180,23 @@ def _forward(
     )
     kbuf0 = jnp.zeros((n, b, g, leaf, kd), spec.dtype)
     xs = (jnp.arange(n), _to_leaves_pm(x_BxNxD, n, leaf), _to_leaves_pm(q, n, leaf))
+    kernel = tile_ops.leaf_forward
+    if kernel is not None and not kernel.supports(params, x_BxNxD, spec, leaf):
+        kernel = None
+    weights = kernel.prepare(params, spec, acc_dt) if kernel is not None else None
 
     def leaf_step(carry, xs_i):
         state, k_l, v_l = carry
         i, x_leaf, q_leaf = xs_i
         st_pm = tuple(_hm_leaf_to_pm(a[i]) for a in state)
-
-        def position_step(kv_leaf, ys):
-            # Pull: query t reads its leaf's key/value buffer (compute dtype, one row written
-            # per step); its own state is O(1) vectors.
-            k_leaf, v_leaf = kv_leaf
-            p, x_t, q_t, acc_t, max_t, den_t = ys
-            logits = _local_logits(q_t, k_leaf, p, spec)
-            new_max = jnp.maximum(max_t, logits.max(axis=-1))
-            rescale = jnp.exp(max_t - new_max)
-            prob = jnp.exp(logits - new_max[..., None])
-            pv = jnp.einsum(
-                "bgrs,bgsk->bgrk",
-                prob.reshape(b, g, r, leaf).astype(v_leaf.dtype),
-                v_leaf,
-                preferred_element_type=acc_dt,
+        if kernel is not None:  # all L positions in one kernel call (the same step, fused)
+            z_leaf, lse_leaf, k_leaf, v_leaf = kernel(
+                weights, x_leaf, q_leaf, st_pm, i * leaf, spec
             )
-            acc = acc_t * rescale[..., None] + pv.reshape(acc_t.shape)
-            den = den_t * rescale + prob.sum(axis=-1)
-            att = (acc / den[..., None]).astype(spec.dtype)[:, None]
-            z_t = post_attention(params, x_t[:, None], att, spec)
-            k_t, v_t = kv_projection(params, z_t, (i * leaf + p)[None], spec)
-            k_leaf = jax.lax.dynamic_update_slice_in_dim(k_leaf, jnp.moveaxis(k_t, 1, 2), p, 2)
-            v_leaf = jax.lax.dynamic_update_slice_in_dim(v_leaf, jnp.moveaxis(v_t, 1, 2), p, 2)
-            return (k_leaf, v_leaf), (z_t[:, 0], new_max + jnp.log(den))
-
-        (k_leaf, v_leaf), (z_leaf, lse_leaf) = jax.lax.scan(
-            position_step,
-            (kbuf0[0], kbuf0[0]),
-            (jnp.arange(leaf), x_leaf, q_leaf) + st_pm,
-            unroll=min(_INNER_UNROLL, leaf),
-        )
+        else:
+            z_leaf, lse_leaf, k_leaf, v_leaf = leaf_positions(
+                params, spec, i * leaf, x_leaf, q_leaf, st_pm
+            )
         k_l = k_l.at[i].set(k_leaf)
         v_l = v_l.at[i].set(v_leaf)
         m = i + 1

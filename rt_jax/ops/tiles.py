@@ -136,6 +136,9 @@ class TileOps:
     present, says which buffers it takes); None: windows + ``merge``."""
     fenwick_grads: Callable | None = None
     """With ``block_calls``: ``(tensors, (dq_l, dk_l, dv_l), m, spec) -> grads``, in place."""
+    leaf_forward: Callable | None = None
+    """The forward's per-leaf pull step as one kernel call (``rt_jax.ops.pallas_tiles.LeafKernel``:
+    ``supports``, ``prepare``, call); None, or ``supports`` False: the jnp position loop."""
 
 
 JNP_TILE_OPS = TileOps()
