@@ -88,6 +88,14 @@ def test_tiled_matches_reference_float64(batch, n, leaf, position, n_kv):
         check_against_reference(spec, batch, n, leaf, jnp.float64, tol=1e-10)
 
 
+def test_tiled_partial_rotary_matches_reference_float64():
+    """RoPE on half of each head's dims: the backward's key rotation (and its vjp) turns the
+    same dims as the forward's (it used to rotate all of them, so the gradients were wrong)."""
+    with jax.enable_x64(True):
+        spec = AttentionSpec(4, 2, 4, position="rope", rotary_pct=0.5, compute_dtype="float64")
+        check_against_reference(spec, 2, 11, 4, jnp.float64, tol=1e-10)
+
+
 F32_TOL = 2e-5
 
 

@@ -69,7 +69,7 @@ def _kv_pieces(
     k = k.reshape(b, t, spec.n_kv_heads, spec.head_dim)
     v = v.reshape(b, t, spec.n_kv_heads, spec.head_dim)
     if spec.position == "rope":
-        k = apply_rope(k, pos_N, spec.rope_theta)
+        k = apply_rope(k, pos_N, spec.rope_theta, spec.rotary_dims)
     return (k, v), k_pre
 
 
@@ -88,7 +88,7 @@ def _kv_input_grad(
     kv_dim = spec.n_kv_heads * spec.head_dim
     dk = dk_BxGxK.astype(dtype)
     if spec.position == "rope":
-        _, rope_t = jax.vjp(lambda a: apply_rope(a, pos[None], spec.rope_theta), dk[:, None])
+        _, rope_t = jax.vjp(lambda a: apply_rope(a, pos[None], spec.rope_theta, spec.rotary_dims), dk[:, None])
         (dk,) = rope_t(dk[:, None])
         dk = dk[:, 0]
     _, knorm_t = jax.vjp(
