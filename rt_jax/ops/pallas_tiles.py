@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.rt_tiles import fenwick_gpu, fenwick_tpu, leaf_tpu
+from pallas_kernels.rt_tiles import fenwick_gpu, fenwick_tpu, leaf_bwd_tpu, leaf_tpu
 from pallas_kernels.rt_tiles.api import target_device, tile_kernels
 from pallas_kernels.rt_tiles.config import GpuTileConfig, TpuTileConfig, tpu_config_for
 from pallas_kernels.rt_tiles.contract import TileSpec
@@ -261,6 +261,110 @@ class LeafKernel:
         return z, lse, k, v
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafBackwardKernel:
+    """The backward's per-leaf reverse position loop as one Mosaic call (``rt_tiles.leaf_bwd_tpu``):
+    all L positions with the leaf's queries, log-sum-exp, g/delta rows and the transposed weights
+    in VMEM. Applies where ``LeafKernel`` does (same rule, its own VMEM check); under a mesh the
+    batch is split over the data/fsdp axes and heads are not split, as for ``LeafKernel``."""
+
+    interpret: bool
+
+    def supports(self, params, x_BxNxD: jax.Array, spec: AttentionSpec, leaf: int) -> bool:
+        """Leaves of whole sublane tiles of the compute dtype (``fenwick_tpu.supported``) and one
+        call's VMEM under ``leaf_tpu.VMEM_CAP_BYTES``."""
+        if spec.neox:
+            raise ValueError("the leaf kernel implements the OLMo block; the RT refuses neox")
+        b, _, d = x_BxNxD.shape
+        f = params["w_ff_in"].shape[1]
+        acc = _acc_dtype(x_BxNxD.dtype)
+        return fenwick_tpu.supported(leaf, spec.dtype) and leaf_bwd_tpu.fits(
+            leaf, b, d, f, _leaf_spec(spec), spec.dtype, x_BxNxD.dtype, acc
+        )
+
+    def prepare(self, params, spec: AttentionSpec, acc) -> leaf_bwd_tpu.LeafBackWeights:
+        """The kernel's transposed weights (compute dtype) and selection matrices, once per
+        layer backward."""
+        dt = spec.dtype
+        h, g, kd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        gk = g * kd
+        w_kv = params["w_kv"].astype(dt)
+        rep = leaf_tpu.kv_repeat(h, g, kd, dt) if g != h else None
+        return leaf_bwd_tpu.LeafBackWeights(
+            w_o_t=params["w_o"].astype(dt).T,
+            w_ff_in_t=params["w_ff_in"].astype(dt).T,
+            w_ff_out_t=params["w_ff_out"].astype(dt).T,
+            w_k_t=w_kv[:, :gk].T,
+            w_v_t=w_kv[:, gk:].T,
+            attn_norm=params["attn_norm"].reshape(1, -1),
+            ff_norm=params["ff_norm"].reshape(1, -1),
+            k_norm=params["k_norm"].reshape(1, -1),
+            e=leaf_tpu.head_indicator(h, kd, acc),
+            rep=rep,
+            rep_t=rep.T.astype(acc) if rep is not None else None,
+            rot_t=leaf_tpu.rotate_half(g, kd, spec.rotary_dims, dt).T
+            if spec.position == "rope"
+            else None,
+            neg_slopes=(-alibi_slopes(h, spec.alibi_bias_max).astype(acc)).reshape(1, 1, h)
+            if spec.position == "alibi"
+            else None,
+        )
+
+    def __call__(self, weights, q_LxBxHxK, lse_LxBxH, ys, start, spec: AttentionSpec):
+        """One leaf (``tiled_backward.leaf_backward_positions`` arguments, with q and lse
+        position-major L x B x H (x K)): (dz, dhidden, dx1, g, delta, dk, dv), L x B x ...."""
+        leaf, b, h, kd = q_LxBxHxK.shape
+        g = spec.n_kv_heads
+        q = q_LxBxHxK.reshape(leaf, b, h * kd)
+        flat = [a.reshape(leaf, b, -1) for a in ys]  # heads into lanes (att, k, v, dk, dv)
+        rope = ()
+        if spec.position == "rope":
+            pos = start + jnp.arange(leaf)
+            rope = leaf_tpu.rope_tables(
+                pos, g, kd, spec.rotary_dims, spec.rope_theta, lse_LxBxH.dtype
+            )
+        lspec = _leaf_spec(spec)
+        n_in = 2 + len(flat)
+
+        def call(*args):
+            arrays, rope = args[:n_in], args[n_in:]
+            bl = arrays[0].shape[1]
+            pad = -bl % leaf_tpu.SUBLANES
+            if pad:
+                widths = ((0, 0), (0, pad), (0, 0))
+                arrays = tuple(jnp.pad(a, widths) for a in arrays)
+            q, lse, *rest = arrays
+            out = leaf_bwd_tpu.leaf_backward(
+                q, lse, tuple(rest), weights, rope or None, lspec, interpret=self.interpret
+            )
+            return tuple(a[:, :bl] for a in out)
+
+        mesh = jax.sharding.get_abstract_mesh()
+        args = (q, lse_LxBxH, *flat, *rope)
+        if mesh.empty or not _has_free_axis(mesh):
+            outs = call(*args)
+        else:
+            batch_axes, _ = tile_partition(mesh, b, h, g)
+            lb = P(None, batch_axes or None)
+            outs = jax.shard_map(
+                call,
+                mesh=mesh,
+                in_specs=(lb,) * n_in + (P(),) * len(rope),
+                out_specs=(lb,) * 7,
+                check_vma=False,
+            )(*args)
+        dz, dhid, dx1, g_t, delta, dk, dv = outs
+        return (
+            dz,
+            dhid,
+            dx1,
+            g_t.reshape(leaf, b, h, kd),
+            delta,
+            dk.reshape(leaf, b, g, kd),
+            dv.reshape(leaf, b, g, kd),
+        )
+
+
 def _leaf_spec(spec: AttentionSpec) -> leaf_tpu.LeafSpec:
     return leaf_tpu.LeafSpec(
         spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.position, spec.norm_eps
@@ -292,8 +396,9 @@ def pallas_tile_ops(
     those calls are the in-place kernels on the leaf-major buffers (m as an operand,
     state/gradients aliased): ``rt_tiles.fenwick_tpu`` on TPU (window calls for leaves that are
     not whole sublane tiles), ``rt_tiles.fenwick_gpu`` on GPU.
-    ``leaf_kernel`` (TPU only) runs the forward's per-leaf pull step as one Mosaic call
-    (``LeafKernel``) where it applies; False keeps the jnp position loop.
+    ``leaf_kernel`` (TPU only) runs the forward's per-leaf pull step and the backward's per-leaf
+    reverse position loop as one Mosaic call each (``LeafKernel``, ``LeafBackwardKernel``) where
+    they apply; False keeps both jnp position loops.
     Raises ValueError when the choice cannot run on the target.
     """
     _, _, name = tile_kernels(backend, interpret=interpret, config=config)
@@ -307,4 +412,5 @@ def pallas_tile_ops(
         fenwick_merge=ShardedFenwick("merge", interpret, config, name) if fenwick else None,
         fenwick_grads=ShardedFenwick("grads", interpret, config, name) if fenwick else None,
         leaf_forward=LeafKernel(interpret) if name == "tpu" and leaf_kernel else None,
+        leaf_backward=LeafBackwardKernel(interpret) if name == "tpu" and leaf_kernel else None,
     )

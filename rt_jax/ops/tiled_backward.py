@@ -88,7 +88,9 @@ def _kv_input_grad(
     kv_dim = spec.n_kv_heads * spec.head_dim
     dk = dk_BxGxK.astype(dtype)
     if spec.position == "rope":
-        _, rope_t = jax.vjp(lambda a: apply_rope(a, pos[None], spec.rope_theta, spec.rotary_dims), dk[:, None])
+        _, rope_t = jax.vjp(
+            lambda a: apply_rope(a, pos[None], spec.rope_theta, spec.rotary_dims), dk[:, None]
+        )
         (dk,) = rope_t(dk[:, None])
         dk = dk[:, 0]
     _, knorm_t = jax.vjp(
@@ -376,6 +378,83 @@ def _within_leaf_dq(tensors: tuple[jax.Array, ...], spec: AttentionSpec) -> jax.
     return dq.reshape(n, b, h, leaf, kd)
 
 
+def leaf_backward_positions(
+    params: Params,
+    spec: AttentionSpec,
+    start: jax.Array,
+    q_leaf: jax.Array,
+    lse_leaf: jax.Array,
+    ys: tuple[jax.Array, ...],
+    lanes: bool = True,
+) -> tuple[jax.Array, ...]:
+    """One leaf's reverse position loop (the jnp reference of the backward leaf kernel).
+
+    ``ys`` = (dz, z, k_pre, x1, hidden_pre, att, k, v, dk_cross, dv_cross), position-major
+    (L x B x ...; att L x B x H x K, k, v and the cross-leaf dK/dV L x B x G x K); ``q_leaf`` and
+    ``lse_leaf`` the leaf's queries and log-sum-exp in the pull's layout (lane layout
+    L x R x K x BG and L x R x BG, or head-major B x H x L (x K) with ``lanes=False``); ``start``
+    = i L. Returns (dz, dhidden, dx1, g, delta, dk, dv), L x B x ..., where dz includes the
+    gradient through the position's own persistent (k, v) and g = dL/datt (float32/64).
+    """
+    leaf, b, _ = ys[0].shape
+    xdt, dtype = ys[0].dtype, spec.dtype
+    acc_dt = _acc_dtype(xdt)
+    h, g, r, kd = spec.n_heads, spec.n_kv_heads, spec.group_size, spec.head_dim
+    gdt = dtype  # g is stored in the compute dtype, like q, k, v (see ``_backward``)
+    neg_slopes = _neg_slopes_lanes(spec, b, acc_dt) if spec.position == "alibi" else None
+
+    def position_step(gbuf, ys):
+        g_buf, delta_buf = gbuf
+        p, dz_t, z_t, kpre_t, x1_t, hid_t, att_t, k_t, v_t, dkc_t, dvc_t = ys
+        if lanes:
+            dk_loc, dv_loc = _pull_kv_grads(
+                q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, neg_slopes
+            )
+            dk_loc, dv_loc = _lanes_to_kv(dk_loc, b), _lanes_to_kv(dv_loc, b)
+        else:
+            dk_loc, dv_loc = _pull_kv_grads_matvec(
+                q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, spec
+            )
+        dk_t, dv_t = dkc_t + dk_loc, dvc_t + dv_loc
+        dz_t = dz_t + _kv_input_grad(params, z_t, kpre_t, dk_t, dv_t, start + p, spec)
+        _, mlp_out_t = jax.vjp(lambda a: _mlp_out(params, a, spec, xdt), hid_t)
+        (dhid_t,) = mlp_out_t(dz_t)
+        _, mlp_hid_t = jax.vjp(lambda a: _mlp_hidden(params, a, spec), x1_t)
+        (dx1_t,) = mlp_hid_t(dhid_t)
+        dx1_t = dz_t + dx1_t
+        _, attn_out_t = jax.vjp(
+            lambda a: _attn_out(params, a, spec, xdt), att_t.astype(dtype).reshape(b, h * kd)
+        )
+        (g_t,) = attn_out_t(dx1_t)
+        g_t = g_t.reshape(b, h, kd).astype(acc_dt)
+        delta_t = jnp.sum(att_t * g_t, axis=-1)
+        if lanes:
+            g_row = _heads_to_lanes(g_t.astype(gdt), g)[None]
+            g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 0)
+            delta_row = _scalars_to_lanes(delta_t, g)[None]
+            delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_row, p, 0)
+        else:
+            g_row = g_t.astype(gdt)[:, :, None]
+            g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 2)
+            delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_t[:, :, None], p, 2)
+        return (g_buf, delta_buf), (dz_t, dhid_t, dx1_t, g_t, delta_t, dk_t, dv_t)
+
+    if lanes:
+        gbuf0 = (jnp.zeros((leaf, r, kd, b * g), gdt), jnp.zeros((leaf, r, b * g), acc_dt))
+    else:
+        gbuf0 = (jnp.zeros((b, h, leaf, kd), gdt), jnp.zeros((b, h, leaf), acc_dt))
+    dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, k_leaf, v_leaf, *dkv_c = ys
+    kv_in = tuple(_kv_to_lanes(a) if lanes else a for a in (k_leaf, v_leaf))
+    _, outs = jax.lax.scan(
+        position_step,
+        gbuf0,
+        (jnp.arange(leaf), dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, *kv_in, *dkv_c),
+        reverse=True,
+        unroll=min(_INNER_UNROLL, leaf),
+    )
+    return outs
+
+
 def _backward(
     params: Params,
     x_BxNxD: jax.Array,
@@ -422,8 +501,13 @@ def _backward(
     x1 = x + _attn_out(params, att_c, spec, xdt)
     hidden_pre = _mlp_hidden(params, x1, spec)
 
-    neg_slopes = _neg_slopes_lanes(spec, b, acc_dt) if spec.position == "alibi" else None
-    if lanes:
+    kernel = tile_ops.leaf_backward
+    if kernel is not None and not kernel.supports(params, x, spec, leaf):
+        kernel = None
+    weights = kernel.prepare(params, spec, acc_dt) if kernel is not None else None
+    if kernel is not None:  # the kernel's own layout: n x L x B x H (x K)
+        q_side, lse_side = _to_leaves_pm(q, n, leaf), _to_leaves_pm(lse, n, leaf)
+    elif lanes:
         q_side = _heads_to_lanes(_to_leaves_pm(q, n, leaf), g)  # n x L x R x K x BG
         lse_side = _scalars_to_lanes(_to_leaves_pm(lse, n, leaf), g)  # n x L x R x BG
     else:
@@ -436,68 +520,12 @@ def _backward(
         lse_leaf = lse_side[i]
         # dK, dV from later leaves (complete: their mirrored tiles ran before this leaf).
         dkc_leaf, dvc_leaf = _hm_leaf_to_pm(dk_l[i]), _hm_leaf_to_pm(dv_l[i])
-
-        def position_step(gbuf, ys):
-            g_buf, delta_buf = gbuf
-            p, dz_t, z_t, kpre_t, x1_t, hid_t, att_t, k_t, v_t, dkc_t, dvc_t = ys
-            if lanes:
-                dk_loc, dv_loc = _pull_kv_grads(
-                    q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, neg_slopes
-                )
-                dk_loc, dv_loc = _lanes_to_kv(dk_loc, b), _lanes_to_kv(dv_loc, b)
-            else:
-                dk_loc, dv_loc = _pull_kv_grads_matvec(
-                    q_leaf, lse_leaf, g_buf, delta_buf, k_t, v_t, p, spec
-                )
-            dk_t, dv_t = dkc_t + dk_loc, dvc_t + dv_loc
-            dz_t = dz_t + _kv_input_grad(params, z_t, kpre_t, dk_t, dv_t, i * leaf + p, spec)
-            _, mlp_out_t = jax.vjp(lambda a: _mlp_out(params, a, spec, xdt), hid_t)
-            (dhid_t,) = mlp_out_t(dz_t)
-            _, mlp_hid_t = jax.vjp(lambda a: _mlp_hidden(params, a, spec), x1_t)
-            (dx1_t,) = mlp_hid_t(dhid_t)
-            dx1_t = dz_t + dx1_t
-            _, attn_out_t = jax.vjp(
-                lambda a: _attn_out(params, a, spec, xdt), att_t.astype(dtype).reshape(b, h * kd)
-            )
-            (g_t,) = attn_out_t(dx1_t)
-            g_t = g_t.reshape(b, h, kd).astype(acc_dt)
-            delta_t = jnp.sum(att_t * g_t, axis=-1)
-            if lanes:
-                g_row = _heads_to_lanes(g_t.astype(gdt), g)[None]
-                g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 0)
-                delta_row = _scalars_to_lanes(delta_t, g)[None]
-                delta_buf = jax.lax.dynamic_update_slice_in_dim(delta_buf, delta_row, p, 0)
-            else:
-                g_row = g_t.astype(gdt)[:, :, None]
-                g_buf = jax.lax.dynamic_update_slice_in_dim(g_buf, g_row, p, 2)
-                delta_buf = jax.lax.dynamic_update_slice_in_dim(
-                    delta_buf, delta_t[:, :, None], p, 2
-                )
-            return (g_buf, delta_buf), (dz_t, dhid_t, dx1_t, g_t, delta_t, dk_t, dv_t)
-
-        if lanes:
-            gbuf0 = (jnp.zeros((leaf, r, kd, b * g), gdt), jnp.zeros((leaf, r, b * g), acc_dt))
+        ys = (dz_leaf, z_leaf, kpre_leaf, x1_leaf, hid_leaf, att_leaf, k_leaf, v_leaf)
+        ys = ys + (dkc_leaf, dvc_leaf)
+        if kernel is not None:  # all L positions in one kernel call (the same step, fused)
+            outs = kernel(weights, q_leaf, lse_leaf, ys, i * leaf, spec)
         else:
-            gbuf0 = (jnp.zeros((b, h, leaf, kd), gdt), jnp.zeros((b, h, leaf), acc_dt))
-        kv_in = tuple(_kv_to_lanes(a) if lanes else a for a in (k_leaf, v_leaf))
-        _, outs = jax.lax.scan(
-            position_step,
-            gbuf0,
-            (
-                jnp.arange(leaf),
-                dz_leaf,
-                z_leaf,
-                kpre_leaf,
-                x1_leaf,
-                hid_leaf,
-                att_leaf,
-                *kv_in,
-                dkc_leaf,
-                dvc_leaf,
-            ),
-            reverse=True,
-            unroll=min(_INNER_UNROLL, leaf),
-        )
+            outs = leaf_backward_positions(params, spec, i * leaf, q_leaf, lse_leaf, ys, lanes)
         dz_o, dhid_o, dx1_o, g_o, delta_o, dk_o, dv_o = outs
         g_l = g_l.at[i].set(_pm_leaf_to_hm(g_o).astype(gdt))
         delta_l = delta_l.at[i].set(_pm_leaf_to_hm(delta_o))

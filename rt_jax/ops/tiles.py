@@ -139,6 +139,10 @@ class TileOps:
     leaf_forward: Callable | None = None
     """The forward's per-leaf pull step as one kernel call (``rt_jax.ops.pallas_tiles.LeafKernel``:
     ``supports``, ``prepare``, call); None, or ``supports`` False: the jnp position loop."""
+    leaf_backward: Callable | None = None
+    """The backward's per-leaf reverse position loop as one kernel call
+    (``rt_jax.ops.pallas_tiles.LeafBackwardKernel``: ``supports``, ``prepare``, call); None, or
+    ``supports`` False: ``tiled_backward.leaf_backward_positions``."""
 
 
 JNP_TILE_OPS = TileOps()
