@@ -9,6 +9,8 @@
    the cross-leaf part (complete: later leaves' mirrored tiles ran before) + the within-leaf part
    *pulled* from the leaf's later queries' saved rows (q, g, lse, delta), so each position writes
    only its own row of g and delta; dL/dz_p, the residual + MLP input gradients, g_p = dL/datt_p.
+   The inner scan is ``leaf_backward_positions``; with ``tile_ops.leaf_backward`` (the Pallas TPU
+   ops, where its ``supports`` holds) a leaf's whole reverse loop is one kernel call instead.
    After leaf i the mirror of forward block m = i pushes query leaves [i, i + T) into the dK, dV
    of key leaves [i - T, i) through ``tile_ops.grads`` (only dK, dV are used; with block calls the
    Fenwick call's dq is kept too).
