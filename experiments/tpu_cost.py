@@ -1191,7 +1191,12 @@ def estimate_train_step(
 def shape_key(row: dict[str, Any]) -> str:
     """The shape part of a row's key, without the fields that name the model (leaf, impl)."""
     s = {k: v for k, v in row["shape"].items() if k not in ("leaf", "impl", "attention")}
+    if "overrides" in s:  # train steps: --set model.impl=... names the model too
+        s["overrides"] = [o for o in s["overrides"] if not o.startswith(_MODEL_OVERRIDES)]
     return json.dumps({"topology": row["topology"], **s}, sort_keys=True)
+
+
+_MODEL_OVERRIDES = ("model.impl=", "model.leaf_size=", "model.attention=")
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
