@@ -51,6 +51,7 @@ def markers(name: str) -> tuple[str, str]:
 DISPLAY_NAMES = {
     "transformer": "Transformer",
     "recurrent": "Recurrent Transformer",
+    "lrt": "LRT",
     "lrt-shared": "LRT (shared)",
     "lrt-layerwise": "LRT (layerwise)",
     "recursive-base": "Recursive (base)",
