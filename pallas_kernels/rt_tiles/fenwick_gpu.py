@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.rt_tiles.config import GpuTileConfig, gpu_config_for_tile
 from pallas_kernels.rt_tiles.contract import TileSpecLike
+from pallas_kernels.rt_tiles.fenwick_tpu import mean_block_cost
 
 # block_plan's entries: first query leaf, first key leaf, key leaves, query leaves, head offset.
 M, KS, KC, TQ, HOFF = range(5)
@@ -179,22 +180,6 @@ def _merge_kernel(
         plgpu.store(den_out.at[at], den.astype(den_out.dtype), mask=row_ok)
 
 
-def _mean_cost(q_l, k_l, flops_per_mac: int, acc_arrays: int) -> pl.CostEstimate:
-    """A call's cost averaged over the n - 1 blocks of a scan (as ``fenwick_tpu._mean_cost``)."""
-    n, b, h, leaf, kd = q_l.shape
-    g = k_l.shape[2]
-    pairs = max(n, 2) // 2
-    leaves = max(1, (max(n, 2) - 1).bit_length())
-    q_bytes = b * h * leaf * kd * q_l.dtype.itemsize
-    kv_bytes = 2 * b * g * leaf * kd * k_l.dtype.itemsize
-    acc_bytes = acc_arrays * b * h * leaf * (kd + 2) * 4
-    return pl.CostEstimate(
-        flops=flops_per_mac * b * h * leaf * leaf * kd * pairs,
-        transcendentals=b * h * leaf * leaf * pairs,
-        bytes_accessed=leaves * (q_bytes + kv_bytes + acc_bytes),
-    )
-
-
 def fenwick_merge(
     q_l: jax.Array,
     k_l: jax.Array,
@@ -222,7 +207,7 @@ def fenwick_merge(
         out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in state],
         input_output_aliases={4: 0, 5: 1, 6: 2},
         compiler_params=_params(config),
-        cost_estimate=_mean_cost(q_l, k_l, 4, 2),
+        cost_estimate=mean_block_cost(q_l, k_l, 4, 2),
         interpret=interpret,
         name="rt_fenwick_merge_gpu",
     )(block_plan(m, n, head_offset), q_l, k_l, v_l, *state)
@@ -352,7 +337,7 @@ def fenwick_grads(
         out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (dk_l, dv_l)],
         input_output_aliases={7: 0, 8: 1},
         compiler_params=_params(config),
-        cost_estimate=_mean_cost(q_l, k_l, 8, 2),
+        cost_estimate=mean_block_cost(q_l, k_l, 8, 2),
         interpret=interpret,
         name="rt_fenwick_dkdv_gpu",
     )(plan, *tensors, dk_l, dv_l)
@@ -362,7 +347,7 @@ def fenwick_grads(
         out_shape=jax.ShapeDtypeStruct(dq_l.shape, dq_l.dtype),
         input_output_aliases={7: 0},
         compiler_params=_params(config),
-        cost_estimate=_mean_cost(q_l, k_l, 6, 2),
+        cost_estimate=mean_block_cost(q_l, k_l, 6, 2),
         interpret=interpret,
         name="rt_fenwick_dq_gpu",
     )(plan, *tensors, dq_l)

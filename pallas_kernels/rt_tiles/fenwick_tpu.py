@@ -154,8 +154,10 @@ def _slope(spec: TileSpecLike, head, dtype):
     return jnp.exp2(-h * spec.alibi_bias_max / spec.n_heads).astype(dtype)
 
 
-def _mean_cost(q_l, k_l, flops_per_mac: int, acc_arrays: int) -> pl.CostEstimate:
+def mean_block_cost(q_l, k_l, flops_per_mac: int, acc_arrays: int) -> pl.CostEstimate:
     """A call's cost averaged over the n - 1 blocks of a scan (the call's size depends on m).
+
+    Shared by the TPU and GPU in-place kernels (same buffers, same blocks).
 
     The blocks hold n (n - 1) / 2 leaf pairs and n log2 n leaves each side, so a mean call has
     n / 2 pairs and log2 n query and key leaves: q (and g), the state or gradient leaves read
@@ -288,7 +290,7 @@ def _merge_call(sc, q_l, k_l, v_l, state, spec, config, geo, interpret):
             dimension_semantics=("parallel", "parallel", "arbitrary"),
             vmem_limit_bytes=config.vmem_limit_bytes,
         ),
-        cost_estimate=_mean_cost(q_l, k_l, 4, 2),
+        cost_estimate=mean_block_cost(q_l, k_l, 4, 2),
         interpret=interpret,
         name="rt_fenwick_merge",
     )(sc, q_l, k_l, v_l, *state)
@@ -424,7 +426,7 @@ def _grads_call(sc, tensors, grads, spec, config, geo, interpret):
             dimension_semantics=("parallel", "parallel", "arbitrary"),
             vmem_limit_bytes=config.vmem_limit_bytes,
         ),
-        cost_estimate=_mean_cost(q_l, k_l, 10, 4),
+        cost_estimate=mean_block_cost(q_l, k_l, 10, 4),
         interpret=interpret,
         name="rt_fenwick_grads",
     )(sc, q_l, k_l, v_l, g_l, lse_l, delta_l, *grads)
