@@ -49,6 +49,7 @@ from pallas_kernels.rt_tiles.leaf_tpu import (
     _mm,
     _nbytes,
     _select,
+    vmem_limit,
 )
 
 
@@ -277,9 +278,7 @@ def leaf_backward(
             in_specs=[vmem] * len(operands),
             out_specs=[vmem] * len(out_shape),
             out_shape=out_shape,
-            compiler_params=pltpu.CompilerParams(
-                vmem_limit_bytes=min(VMEM_CAP_BYTES, need + need // 4 + (8 << 20))
-            ),
+            compiler_params=pltpu.CompilerParams(vmem_limit_bytes=vmem_limit(need)),
             cost_estimate=leaf_bwd_cost(leaf, b, d, f, spec, dtype, operands, out_shape),
             interpret=interpret,
             name="rt_leaf_backward",

@@ -338,14 +338,17 @@ def leaf_forward(
             out_specs=[vmem] * 4,
             out_shape=out_shape,
             scratch_shapes=[pltpu.VMEM((leaf, b, hk), acc)] * 2,
-            compiler_params=pltpu.CompilerParams(
-                vmem_limit_bytes=min(VMEM_CAP_BYTES, need + need // 4 + (8 << 20))
-            ),
+            compiler_params=pltpu.CompilerParams(vmem_limit_bytes=vmem_limit(need)),
             cost_estimate=leaf_cost(leaf, b, d, f, spec, dtype, operands, out_shape),
             interpret=interpret,
             name="rt_leaf_forward",
         )(*operands)
     )
+
+
+def vmem_limit(need: int) -> int:
+    """The scoped VMEM limit for a call holding ``need`` bytes: +25% and 8 MiB slack, capped."""
+    return min(VMEM_CAP_BYTES, need + need // 4 + (8 << 20))
 
 
 def fits(leaf: int, b: int, d: int, f: int, spec: LeafSpec, dtype, x_dtype, acc) -> bool:
