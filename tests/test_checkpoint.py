@@ -148,7 +148,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax, failed read
 def test_load_model_and_mismatch_errors(reference_run, tmp_path):
     ref_dir, _ = reference_run
     model, cfg = load_model(ref_dir)
@@ -165,8 +164,11 @@ def test_load_model_and_mismatch_errors(reference_run, tmp_path):
     cfg_json["model"]["d_model"] = 48
     cfg_json["model"]["mlp_hidden"] = 192
     (run_dir / "config.json").write_text(json.dumps(cfg_json))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"does not match .*leaves differ") as err:
         load_model(run_dir)
+    assert "params/embed: saved (264, 32) float32, this config (264, 48) float32" in str(
+        err.value
+    ), err.value
     with pytest.raises(ValueError, match="different model config"):
         train(_cfg(), run_dir, progress=False)
 

@@ -133,6 +133,43 @@ class Checkpointer:
         self.manager.close()
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{"opt_state/1/0/mu/w_q": (shape, dtype)}``: the metadata's dicts and lists name the same
+    leaves as the state's NamedTuples and tuples."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+        for path, leaf in leaves
+    }
+
+
+def state_mismatches(manager: ocp.CheckpointManager, step: int, abstract: PyTree) -> list[str]:
+    """How the saved train state of ``step`` differs from ``abstract`` (leaf paths, shapes, dtypes).
+
+    Read from the checkpoint's metadata before any array is restored, so a config mismatch is an
+    error that names the leaves instead of a failed read (Orbax's failed reads also leave asyncio
+    tasks whose unretrieved errors are logged later, at garbage collection). Empty when they match.
+    """
+    saved = _leaf_specs(manager.item_metadata(step)["state"].tree)
+    wanted = _leaf_specs(abstract)
+    wanted = dict(sorted(wanted.items(), key=lambda kv: not kv[0].startswith("params/")))
+    problems = [f"{k}: not in the checkpoint" for k in wanted if k not in saved]
+    problems += [f"{k}: in the checkpoint, not in this config" for k in saved if k not in wanted]
+    problems += [
+        f"{k}: saved {saved[k][0]} {saved[k][1]}, this config {wanted[k][0]} {wanted[k][1]}"
+        for k in wanted
+        if k in saved and saved[k] != wanted[k]
+    ]
+    return problems
+
+
 def load_model(
     run_dir: str | os.PathLike, step: int | None = None
 ) -> tuple[LanguageModel, TrainConfig]:
@@ -151,6 +188,10 @@ def load_model(
     manager = ocp.CheckpointManager(
         directory.absolute(),
         item_names=ITEMS,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     )
     try:
@@ -166,6 +207,12 @@ def load_model(
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
         )
+        problems = state_mismatches(manager, step, abstract)
+        if problems:
+            raise ValueError(
+                f"checkpoint at step {step} in {directory} does not match {config_path} (was the "
+                f"config edited?): {len(problems)} leaves differ:\n  " + "\n  ".join(problems[:10])
+            )
         try:
             restored = manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
