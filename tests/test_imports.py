@@ -269,3 +269,40 @@ def test_the_checker_sees_function_level_and_relative_imports():
     }
     assert len(upward_imports(toy)) == 2  # ops -> train, ops -> models (type-only still counts)
     assert import_cycles(toy) == [["rt_jax.ops.z", "rt_jax.train.c"]]
+
+
+def test_parse_survives_finalisers_that_log_tracebacks():
+    """What broke CI on 3.11.7: asyncio tasks with unretrieved errors, freed by the cyclic GC
+    mid-parse, log tracebacks (which parse code) inside the parse of a large module."""
+    import asyncio
+    import io
+    import logging
+
+    async def fail():
+        raise ValueError("never retrieved " + str(len(ROOT.parts) + 1))
+
+    def orphan() -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail())
+        loop.run_until_complete(asyncio.sleep(0))
+        cycle: dict = {"task": task}
+        cycle["self"] = cycle  # only the cyclic collector frees it
+        loop.close()
+
+    source = (ROOT / "experiments" / "param_matched.py").read_text()
+    threshold = gc.get_threshold()
+    asyncio_log = logging.getLogger("asyncio")
+    sink = logging.StreamHandler(io.StringIO())  # formats each traceback, out of sight
+    asyncio_log.addHandler(sink)
+    propagate, asyncio_log.propagate = asyncio_log.propagate, False
+    try:
+        for _ in range(20):
+            orphan()
+        gc.set_threshold(1)
+        assert isinstance(_parse(source), ast.Module)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.collect()
+        asyncio_log.removeHandler(sink)
+        asyncio_log.propagate = propagate
+    assert "never retrieved" in sink.stream.getvalue()  # the finalisers did run
