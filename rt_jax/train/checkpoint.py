@@ -155,9 +155,14 @@ def state_mismatches(manager: ocp.CheckpointManager, step: int, abstract: PyTree
 
     Read from the checkpoint's metadata before any array is restored, so a config mismatch is an
     error that names the leaves instead of a failed read (Orbax's failed reads also leave asyncio
-    tasks whose unretrieved errors are logged later, at garbage collection). Empty when they match.
+    tasks whose unretrieved errors are logged later, at garbage collection). Empty when they match
+    or when the metadata cannot be read (the restore then reports what is wrong).
     """
-    saved = _leaf_specs(manager.item_metadata(step)["state"].tree)
+    try:
+        saved = _leaf_specs(manager.item_metadata(step)["state"].tree)
+    except Exception as err:  # noqa: BLE001 - unreadable metadata: let the restore decide
+        log.warning("no readable metadata for step %d (%s); restoring without a check", step, err)
+        return []
     wanted = _leaf_specs(abstract)
     wanted = dict(sorted(wanted.items(), key=lambda kv: not kv[0].startswith("params/")))
     problems = [f"{k}: not in the checkpoint" for k in wanted if k not in saved]
