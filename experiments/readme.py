@@ -164,11 +164,23 @@ def param_matched_section(preset: str, results: Path) -> str:
     return "\n".join(lines)
 
 
+def mesh_probe_section(results: Path) -> str:
+    """The loop probe's tables, as ``experiments.mesh_probe`` wrote them (its Markdown, no title)."""
+    path = results / "mesh_probe.md"
+    if not path.exists():
+        return (
+            "(no `mesh_probe.md` yet: `python -m experiments.mesh_probe --preset cpu-mesh-handoff`)"
+        )
+    lines = path.read_text().strip().splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
+
+
 def sections(results: Path) -> dict[str, str]:
     """Every generated section: name -> the text between its markers (markers excluded)."""
     from experiments import tpu_cost
 
     out = {f"param_matched:{p}": param_matched_section(p, results) for p in PRESETS}
+    out["mesh_probe"] = mesh_probe_section(results)
     rows = json.loads((results / "tpu_cost.json").read_text())["rows"]
     body = tpu_cost.readme_section(rows)
     out["tpu_cost"] = body.removeprefix(tpu_cost.README_BEGIN + "\n").removesuffix(
