@@ -17,6 +17,7 @@ def test_readme_matches_the_results_files():
     assert set(generated) == {f"param_matched:{p}" for p in readme.PRESETS} | {
         "tpu_cost",
         "mesh_probe",
+        "synthetic",
     }
     stale = readme.stale_sections(text, generated)
     assert not stale, f"README out of date in {stale}: run python -m experiments.readme"
@@ -45,3 +46,19 @@ def test_render_replaces_only_between_markers_and_detects_drift():
     assert readme.stale_sections(out, {"param_matched:x": "| new | table |"}) == []
     with pytest.raises(ValueError, match="markers"):
         readme.render("no markers here", {"param_matched:x": ""})
+
+
+def test_synthetic_bold_only_where_the_seed_ranges_separate(tmp_path):
+    def row(model, n, seed, acc):
+        return {"task": "parity", "model": model, "seq_len": n, "seed": seed, "steps": 10,
+                "accuracy": acc}  # fmt: skip
+
+    rows = [row("transformer", 8, s, a) for s, a in ((0, 0.50), (1, 0.52))]
+    rows += [row("recurrent", 8, s, a) for s, a in ((0, 0.90), (1, 1.00))]
+    rows += [row("transformer", 16, s, a) for s, a in ((0, 0.50), (1, 0.60))]
+    rows += [row("recurrent", 16, s, a) for s, a in ((0, 0.55), (1, 0.70))]  # ranges overlap
+    meta = {"commit": "abc1234", "wall_seconds": 60}
+    (tmp_path / "synthetic.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    table = readme.synthetic_section(tmp_path).splitlines()
+    assert table[2] == "| Task | Steps | Transformer N=8 / 16 | Recurrent Transformer N=8 / 16 |"
+    assert table[4] == "| parity | 10 | 0.51 / 0.55 | **0.95** / 0.62 |"
