@@ -18,6 +18,9 @@ def test_readme_matches_the_results_files():
         "tpu_cost",
         "mesh_probe",
         "synthetic",
+        "bench_block",
+        "bench_decode",
+        "bench_decode_lrt",
     }
     stale = readme.stale_sections(text, generated)
     assert not stale, f"README out of date in {stale}: run python -m experiments.readme"
