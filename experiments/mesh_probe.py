@@ -209,6 +209,13 @@ def _fmt(values: Any) -> str:
     return ", ".join(f"{v:.3f}" for v in np.ravel(values))
 
 
+def _trained_how(train_steps: int | None) -> str:
+    """How the probed models were trained: retrained here, or read from the preset's runs."""
+    if train_steps:
+        return f"models retrained here for {train_steps} steps"
+    return "models read from the preset's finished runs (`experiments.param_matched`, its steps)"
+
+
 def markdown(payload: dict) -> str:
     """The results table: every statistic, trained beside untrained, per variant."""
     lines = [
@@ -217,7 +224,7 @@ def markdown(payload: dict) -> str:
         f"Command: `{payload['command']}`  ",
         f"Commit: `{payload['commit']}`; machine: {payload['machine']}  ",
         f"Preset `{payload['preset']}`, {payload['batches']} validation batches, "
-        f"train steps {payload['train_steps']}, seeds {payload['seeds']}. Plot: `mesh_probe.png`; "
+        f"{_trained_how(payload['train_steps'])}, seeds {payload['seeds']}. Plot: `mesh_probe.png`; "
         "definitions: `experiments/mesh_probe.py`.",
         "",
         "| variant | model | relative update per unrolled block | loop-state norms | "
