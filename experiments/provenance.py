@@ -8,9 +8,14 @@ import subprocess
 from pathlib import Path
 
 
-def git_commit() -> str:
-    """Short commit hash of the checkout (with -dirty if tracked files changed), or "unknown"."""
-    here = Path(__file__).resolve().parent
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """Short commit hash of the checkout (with -dirty if tracked code changed), or "unknown".
+
+    Tracked files under ``results/`` do not count: a sweep that rewrites a committed cell (a
+    rerun after a config change) changes results, not the code that produced them, and would
+    otherwise label every later process of the same clean checkout -dirty.
+    """
+    here = Path(repo) if repo is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -19,9 +24,16 @@ def git_commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
             cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+            cwd=top,
             capture_output=True,
             text=True,
             check=True,
