@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-
-import pytest
 
 from experiments.provenance import git_commit
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
 def test_dirty_means_tracked_code_changed_not_results(tmp_path):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
