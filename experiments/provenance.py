@@ -24,16 +24,17 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
-            cwd=top,
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                ":(top,exclude)results",
+            ],
+            cwd=here,
             capture_output=True,
             text=True,
             check=True,
