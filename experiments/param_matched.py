@@ -530,6 +530,8 @@ def comparisons(
             views = {}
             views["params"] = {
                 "budget": None,
+                "model_step": r["steps"],
+                "baseline_step": b["steps"],
                 "diff": stats.paired(
                     {s: x["ce"] for s, x in seeds_r.items()},
                     {s: x["ce"] for s, x in seeds_b.items()},
@@ -639,7 +641,7 @@ def _fmt_budget(view: str, value: float | None) -> str:
 
 
 VIEW_TITLES = {
-    "params": "Equal parameters and tokens (final test CE)",
+    "params": "Final test CE (equal parameters; equal tokens only where both ran the same steps)",
     "flops": "Equal training FLOPs (CE interpolated in log FLOPs at the larger budget both reached)",
     "wallclock": "Equal wall-clock (CE at the training time implied by the side-by-side tokens/s)",
 }
@@ -726,9 +728,7 @@ def markdown(preset: str, cfg: TrainConfig, payload: dict[str, Any]) -> str:
         ]
         for c in comps:
             v = c["views"][view]
-            steps = (
-                "-" if view == "params" else f"{v['model_step']:,.0f} / {v['baseline_step']:,.0f}"
-            )
+            steps = f"{v['model_step']:,.0f} / {v['baseline_step']:,.0f}"
             lines.append(
                 f"| {c['name']} vs {c['baseline']} | {_fmt_budget(view, v['budget'])} | {steps} "
                 f"| {fmt_interval(v['diff'], signed=True)} | {v['verdict']} |"

@@ -121,6 +121,13 @@ def render_old(preset: str, data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def final_ce_view(model_steps: int, baseline_steps: int) -> str:
+    """How to read a final-CE comparison: equal tokens only when both ran the same steps."""
+    if model_steps == baseline_steps:
+        return "at equal tokens"
+    return f"at their final steps ({model_steps:,} vs {baseline_steps:,}: not equal tokens)"
+
+
 def render_new(preset: str, data: dict[str, Any]) -> list[str]:
     """Lines for a results file of the current harness."""
     s = data["settings"]
@@ -147,11 +154,13 @@ def render_new(preset: str, data: dict[str, Any]) -> list[str]:
         )
     if data["comparisons"]:
         lines.append("")
+    steps = {r["name"]: r["steps"] for r in data["summary"]}
     for c in data["comparisons"]:
         v = c["views"]
         lines.append(
-            f"- {c['name']} vs {c['baseline']}: at equal tokens {v['params']['verdict']}; at equal "
-            f"FLOPs {v['flops']['verdict']}; at equal wall-clock {v['wallclock']['verdict']}."
+            f"- {c['name']} vs {c['baseline']}: {final_ce_view(steps[c['name']], steps[c['baseline']])} "
+            f"{v['params']['verdict']}; at equal FLOPs {v['flops']['verdict']}; at equal "
+            f"wall-clock {v['wallclock']['verdict']}."
         )
     return lines
 

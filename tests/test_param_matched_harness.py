@@ -116,6 +116,20 @@ def test_tunes_widens_and_reports(tmp_path, fake):
     section = "\n".join(readme.render_new("tiny", saved))  # the README's view of the same file
     assert "| Recurrent Transformer (recurrent-2L) | 2 |" in section
     assert "recurrent-2L vs transformer-2L: at equal tokens lower CE than transformer-2L" in section
+    assert "| recurrent-2L vs transformer-2L | - | 30 / 30 |" in md  # final CE: steps shown
+
+
+def test_final_ce_of_unequal_steps_is_not_called_equal_tokens(tmp_path, fake):
+    """A point trained longer than its baseline (cpu-lrt's transformer-4L-long) differs in tokens."""
+    saved = _run(tmp_path)
+    for row in saved["summary"]:
+        if row["name"] == "transformer-2L":
+            row["steps"] = 60
+    section = "\n".join(readme.render_new("tiny", saved))
+    assert "at equal tokens" not in section
+    assert "recurrent-2L vs transformer-2L: at their final steps (30 vs 60: not equal tokens)" in (
+        section
+    )
 
 
 def test_rerun_skips_finished_cells_and_reruns_changed_ones(tmp_path, fake):
